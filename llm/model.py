@@ -1,0 +1,195 @@
+"""GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks with causal SDPA attention
+and a tanh-GELU MLP, a final LayerNorm and a (swappable) head. Supports a pre-allocated KV cache and
+left-padded batches for incremental decoding.
+
+Shapes: B batch, T new tokens in this call, S = cached + new tokens, C = emb_dim, H heads, D = C // H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import GPTConfig
+from llm.errors import LLMError
+
+
+class KVCache:
+    """Keys and values of past tokens for every layer, allocated once for `max_len` positions.
+
+    k, v: (n_layers, B, H, max_len, D). `length` counts filled positions (the same for every row);
+    `real` (B, max_len) marks which filled positions hold real tokens (False for left padding) and
+    `n_real` (B,) counts them, which gives each row's next position id.
+    """
+
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.real = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.has_padding = False
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values after the current `length`; return all (B, H, S, D) so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.emb_dim, config.emb_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """x: (B, T, C); mask: None for plain causal attention, else bool (B|1, 1, T, S), True = attend."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        causal = mask is None and (cache is None or cache.length == 0)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.proj = nn.Linear(4 * config.emb_dim, config.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.emb_dim)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.emb_dim)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    """The decoder. `lm_head` maps hidden states to vocabulary logits; replace it for other tasks."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.emb_dim)
+        self.lm_head: nn.Module = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):  # residual projections, scaled as in GPT-2
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def hidden_states(
+        self, idx: torch.Tensor, *, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C) for token ids idx (B, T).
+
+        pad_mask: optional bool (B, T), False marks padding (left padding when decoding with a cache).
+        Padded positions attend only to themselves, get no position id and are ignored by real tokens.
+        cache: a KVCache; idx then holds only the new tokens, which are appended to it.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise LLMError(f"KV cache holds {cache.max_len} positions; {past} used, {T} more requested")
+        real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        seen = cache.n_real if cache is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
+        pos = (seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
+        if int(pos.max()) >= self.config.context_length:
+            raise LLMError(
+                f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context_length "
+                f"{self.config.context_length}"
+            )
+        mask = self._attention_mask(real, cache, past) if pad_mask is not None or past else None
+        if cache is not None:
+            cache.real[:, past : past + T] = real
+            cache.n_real += real.sum(1)
+            cache.has_padding |= pad_mask is not None and not bool(pad_mask.all())
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    @staticmethod
+    def _attention_mask(real: torch.Tensor, cache: KVCache | None, past: int) -> torch.Tensor | None:
+        """Bool (B, 1, T, S) mask: causal, no attention to padding, every query sees at least itself."""
+        T = real.shape[1]
+        if cache is not None and not cache.has_padding and bool(real.all()) and T == 1:
+            return None  # one new token with no padding anywhere: it may see everything cached
+        keys_real = torch.cat([cache.real[:, :past], real], dim=1) if cache is not None else real
+        q_pos = torch.arange(past, past + T, device=real.device)[:, None]
+        k_pos = torch.arange(past + T, device=real.device)[None, :]
+        causal = k_pos <= q_pos
+        mask = causal[None] & keys_real[:, None, :]
+        mask |= k_pos == q_pos  # padded queries attend to themselves (avoids an all-masked row)
+        return mask[:, None]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for idx (B, T); with targets (B, T), the mean cross-entropy instead.
+
+        Target positions equal to -100 are ignored in the loss.
+        """
+        h = self.hidden_states(idx, cache=cache, pad_mask=pad_mask)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and dtype, for up to `max_len` (default: context) tokens."""
+        weight = self.tok_emb.weight
+        length = min(max_len or self.config.context_length, self.config.context_length)
+        return KVCache(self.config, batch_size, length, weight.device, weight.dtype)
