@@ -1,0 +1,46 @@
+"""What every stage shares: reading its typed params section and turning user errors into one clean line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from llm.config import from_mapping
+from llm.errors import LLMError
+
+T = TypeVar("T")
+PARAMS_FILE = Path("params.yaml")
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The whole params file as a dict (DVC substitutes nothing in it; stages read it directly)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise LLMError(f"{path} not found: run stages from the repository root") from err
+    except yaml.YAMLError as err:
+        raise LLMError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise LLMError(f"{path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None) -> T:
+    """Section `name` of params.yaml built as dataclass `cls`; unknown keys and wrong types are errors."""
+    params = load_params() if params is None else params
+    if name not in params:
+        raise LLMError(f"{PARAMS_FILE}: section {name!r} is missing")
+    return from_mapping(cls, params[name] or {}, where=f"{PARAMS_FILE}:{name}")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's `main`; an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
+    try:
+        main()
+    except LLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
