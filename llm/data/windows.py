@@ -1,0 +1,129 @@
+"""Training windows over a flat uint16 token stream, and the (resumable) order in which training visits them.
+
+Window i of a stream with context length T and stride S is `tokens[i*S : i*S + T + 1]`: its first T tokens are
+the input and its last T the target (shifted by one). A stream of N tokens holds `(N - T - 1) // S + 1`
+windows when N > T, else none.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm.errors import LLMError
+
+TOKEN_DTYPE = np.uint16
+WINDOW_FORMULA = "n_windows = (n_tokens - context_length - 1) // stride + 1 if n_tokens > context_length else 0"
+
+
+def count_windows(n_tokens: int, context_length: int, stride: int) -> int:
+    """Number of windows of `context_length + 1` tokens, `stride` apart, in a stream of `n_tokens` tokens."""
+    return (n_tokens - context_length - 1) // stride + 1 if n_tokens > context_length else 0
+
+
+class TokenWindows:
+    """Windows over a flat uint16 token file opened with np.memmap (no copy of the stream).
+
+    `ds[i]` → (input, target), int64 tensors of shape (context_length,); `ds.batch(idx)` → two (B, T) tensors.
+    Picklable (DataLoader workers reopen the file instead of copying the stream).
+    """
+
+    def __init__(self, path: str | Path, context_length: int, stride: int | None = None) -> None:
+        self.path = Path(path)
+        self.context_length = _positive(context_length, "context_length")
+        self.stride = _positive(context_length if stride is None else stride, "stride")
+        if not self.path.is_file():
+            raise LLMError(f"token file not found: {self.path} (run the sample stage: dvc repro sample)")
+        size = self.path.stat().st_size
+        if size % np.dtype(TOKEN_DTYPE).itemsize:
+            raise LLMError(f"token file {self.path} has {size} bytes, not a whole number of uint16 tokens")
+        self.n_tokens: int = size // np.dtype(TOKEN_DTYPE).itemsize
+        self._n_windows = count_windows(self.n_tokens, self.context_length, self.stride)
+        if self._n_windows == 0:
+            raise LLMError(
+                f"context_length {self.context_length} does not fit in {self.path} ({self.n_tokens} tokens): "
+                f"a window needs context_length + 1 tokens; lower context_length or use more data"
+            )
+        self._open()
+
+    def _open(self) -> None:
+        self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "tokens"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self._n_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -self._n_windows <= i < self._n_windows:
+            raise IndexError(f"window {i} out of range for {self._n_windows} windows")
+        start = (i % self._n_windows) * self.stride
+        chunk = torch.from_numpy(self.tokens[start : start + self.context_length + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather windows `indices` at once: (inputs, targets), each int64 of shape (B, context_length)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise LLMError(f"batch indices must be one-dimensional, got shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self._n_windows):
+            raise IndexError(f"window indices must be in [0, {self._n_windows}), got {idx.min()}..{idx.max()}")
+        offsets = idx[:, None] * self.stride + np.arange(self.context_length + 1)
+        chunk = torch.from_numpy(self.tokens[offsets].astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def batch_indices(
+    n_windows: int,
+    batch_size: int,
+    step: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray:
+    """Window indices (int64, shape (batch_size,)) for one rank at optimizer micro-step `step`.
+
+    A pure function of its arguments, so a resumed run continues exactly. The windows form an endless stream
+    of epochs, each a seeded permutation of all windows (sequential order when shuffle=False); micro-step s
+    takes the global batch at stream positions [s*G, (s+1)*G) with G = batch_size*world_size, and rank r
+    takes slice [r*batch_size : (r+1)*batch_size] of it. Every window is seen once per epoch.
+    """
+    for name, value in (("n_windows", n_windows), ("batch_size", batch_size), ("world_size", world_size)):
+        _positive(value, name)
+    if step < 0 or not 0 <= rank < world_size:
+        raise LLMError(f"need step >= 0 and 0 <= rank < world_size, got step={step}, rank={rank}/{world_size}")
+    start = step * batch_size * world_size + rank * batch_size
+    positions = np.arange(start, start + batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, n_windows)
+    if not shuffle:
+        return offsets
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        here = epochs == epoch
+        out[here] = _permutation(n_windows, seed, int(epoch))[offsets[here]]
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False  # shared by every call for this epoch
+    return perm
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise LLMError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
