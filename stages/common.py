@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from llm.allocator import reexec_with_best_allocator
 from llm.config import from_mapping
 from llm.errors import LLMError
 
@@ -38,7 +39,9 @@ def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main`; an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
+    """Run a stage's `main` under the best memory allocator available (the process re-executes itself once to
+    preload it); an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
+    reexec_with_best_allocator()
     try:
         main()
     except LLMError as err:
