@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.config import get_preset
 from llm.data.instructions import (
     Example,
     Instruction,
@@ -12,9 +13,12 @@ from llm.data.instructions import (
     format_prompt,
     load_instructions,
     parse_entries,
+    respond,
     split_entries,
 )
 from llm.errors import LLMError
+from llm.generate import GenerationConfig, generate
+from llm.model import GPT
 from llm.tokenizer import EOT_ID, get_tokenizer
 
 E, X = EOT_ID, -100
@@ -105,3 +109,15 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
         load_instructions(tmp_path / "missing.json")
     with pytest.raises(LLMError, match="too few"):
         split_entries(parse_entries([good()] * 5), seed=0)
+
+
+def test_respond_batches_in_any_order_give_the_same_responses(mirror: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny"))
+    entries = [Instruction("Name a colour" + "!" * i, "ctx" * (i % 3), "Blue") for i in range(7)]
+    config = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    one_by_one = respond(model, entries, get_tokenizer(), config, batch_size=1, progress=False)
+    batched = respond(model, entries, get_tokenizer(), config, batch_size=4, progress=False)
+    assert batched == one_by_one and len(batched) == 7
+    (expected,) = generate(model, [get_tokenizer().encode_ordinary(format_prompt(entries[5]))], config, eos_id=EOT_ID)
+    assert batched[5] == get_tokenizer().decode(expected).split("###")[0].strip()

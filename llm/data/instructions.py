@@ -8,6 +8,7 @@ end-of-text token that the model learns to emit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -17,8 +18,11 @@ from typing import Any, NamedTuple
 
 import tiktoken
 import torch
+from tqdm import tqdm
 
 from llm.errors import LLMError
+from llm.generate import GenerationConfig, generate
+from llm.model import GPT
 from llm.tokenizer import EOT_ID
 
 KEYS = ("instruction", "input", "output")
@@ -143,3 +147,25 @@ def collate(
     if allowed_max_length is not None:
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
     return inputs, targets
+
+
+def respond(
+    model: GPT,
+    entries: Sequence[Instruction],
+    tokenizer: tiktoken.Encoding,
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """The model's response to each entry's prompt, in order: batched (prompts of similar length together),
+    KV-cached, stopping at end-of-text; text from a new `###` header on (a model imitating the format) is cut."""
+    prompts = tokenizer.encode_ordinary_batch([format_prompt(e) for e in entries])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    config = dataclasses.replace(config, eos_id=EOT_ID)
+    responses = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc="responses", unit="batch", disable=not progress):
+        rows = order[start : start + batch_size]
+        for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], config), strict=True):
+            responses[i] = tokenizer.decode(ids).split("###")[0].strip()
+    return responses
