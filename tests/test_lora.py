@@ -130,7 +130,7 @@ def test_adapter_file_mismatch_is_an_error(tmp_path: Path) -> None:
     save_trainable(model, tmp_path / "adapter.safetensors")
     other_rank = tiny_gpt()
     apply_lora(other_rank, TARGETS, r=2, alpha=8)
-    with pytest.raises(LLMError, match="shape .* different base model"):
+    with pytest.raises(LLMError, match=r"shape .* different base model"):
         load_trainable(other_rank, tmp_path / "adapter.safetensors")
     fewer_layers = tiny_gpt()
     apply_lora(fewer_layers, ["attn.qkv"], r=4, alpha=8)

@@ -90,17 +90,16 @@ def balance_classes(examples: Sequence[Example], seed: int) -> list[Example]:
     return sorted(kept, key=lambda e: e.line)
 
 
-def stratified_split(
-    examples: Sequence[Example], fractions: Sequence[float], seed: int
-) -> dict[str, list[Example]]:
+def stratified_split(examples: Sequence[Example], fractions: Sequence[float], seed: int) -> dict[str, list[Example]]:
     """Split into train/val/test with `fractions` (summing to 1) of every class, after a seeded shuffle.
 
     Per class of n examples, train gets round(n * f_train), val round(n * f_val), test the rest. Each split
     is returned in file order.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise LLMError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1, "
-                       f"got {list(fractions)}")
+        raise LLMError(
+            f"split fractions must be three non-negative numbers (train, val, test) summing to 1, got {list(fractions)}"
+        )
     rng = random.Random(seed)
     splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
     for group in _by_class(examples).values():
