@@ -1,0 +1,165 @@
+"""Autoregressive sampling: greedy, temperature, top-k and top-p (nucleus), stopping at an EOS token.
+
+Prompts of different lengths are decoded together by left padding them (the model's `pad_mask`). With
+`use_cache` (the default) each step feeds only the new token through a KV cache; the tokens produced are
+the ones recomputing the whole context each step gives. The model's positions are learned and absolute,
+so once a sequence outgrows `context_length` the cache cannot slide: every further step recomputes the
+last `context_length` tokens (the cropped window), exactly as `use_cache=False` does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import tiktoken
+import torch
+
+from llm.config import from_mapping
+from llm.errors import LLMError
+from llm.model import GPT, KVCache
+
+FINISHED = -1  # the token `stream` yields for a row that has already stopped at EOS
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to sample.
+
+    max_new_tokens: tokens to generate per prompt (fewer when EOS comes first).
+    temperature: logits are divided by it before sampling; 0 means greedy (argmax).
+    top_k: sample only among the k most probable tokens (None = all).
+    top_p: sample only among the smallest set of most probable tokens whose probability sums to >= top_p.
+    eos_id: stop a prompt when this token is sampled (it is not returned); None = never stop early.
+    seed: seeds a private torch.Generator, so equal seeds give equal samples; None uses torch's global RNG.
+    use_cache: decode with a KV cache (same tokens, much faster) instead of recomputing the context.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise LLMError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LLMError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def stream(
+    model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, **overrides: Any
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, one (B,) long tensor per step, for up to max_new_tokens steps.
+
+    prompts: B non-empty lists of token ids (lengths may differ). `overrides` replace fields of `config`.
+    A row that has sampled `eos_id` yields FINISHED (-1) from then on (the EOS itself included); the
+    stream ends early once every row has finished. The model runs in eval mode (restored afterwards).
+    """
+    config = _settings(config, overrides)
+    idx, pad_mask = _left_pad(prompts, model.config.vocab_size, model.tok_emb.weight.device)
+    context = model.config.context_length
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(config.seed)
+    cache = model.new_cache(len(prompts), idx.shape[1] + config.max_new_tokens) if config.use_cache else None
+    cached = 0  # columns of idx already in the cache
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(config.max_new_tokens):
+            if cache is not None and idx.shape[1] > context:
+                cache = None  # the positions ran out: from now on recompute the cropped window
+            start = cached if cache is not None else max(0, idx.shape[1] - context)
+            token = sample(_next_logits(model, idx[:, start:], pad_mask[:, start:], cache), config, generator)
+            cached = idx.shape[1]
+            if config.eos_id is not None:
+                finished |= token == config.eos_id
+            yield token.masked_fill(finished, FINISHED)
+            if finished.all():
+                return
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            pad_mask = torch.cat([pad_mask, torch.ones_like(pad_mask[:, :1])], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, **overrides: Any
+) -> list[list[int]]:
+    """The new tokens for each prompt (EOS and anything after it excluded); see `stream` for the arguments."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, config, **overrides):
+        for row, token in zip(out, step.tolist(), strict=True):
+            if token != FINISHED:
+                row.append(token)
+    return out
+
+
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row (B,) from next-token logits (B, V), following config's temperature/top_k/top_p."""
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / config.temperature
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        values, indices = logits.topk(config.top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    if config.top_p is not None and config.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p  # the mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def decode_stream(tokens: Iterable[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
+    """Text pieces for a stream of token ids; characters split across tokens are held until complete."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
+            yield text
+    if text := decoder.decode(b"", final=True):
+        yield text
+
+
+@torch.no_grad()
+def _next_logits(model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Next-token logits (B, V) after idx (B, T); with a cache, idx holds only the tokens not yet in it."""
+    h = model.hidden_states(idx, cache=cache, pad_mask=None if pad_mask.all() else pad_mask)
+    return model.lm_head(h[:, -1])
+
+
+def _settings(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    base = dataclasses.asdict(config or GenerationConfig())
+    return from_mapping(GenerationConfig, {**base, **overrides}, where="generation settings")
+
+
+def _left_pad(
+    prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) left-padded with 0 and the bool mask (B, L) of real tokens."""
+    if not prompts:
+        raise LLMError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise LLMError(f"prompt {i} is empty: give at least one token")
+        if not all(0 <= t < vocab_size for t in prompt):
+            raise LLMError(f"prompt {i} holds token ids outside the model's vocabulary [0, {vocab_size})")
+    width = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), width, dtype=torch.long)
+    pad_mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        idx[i, width - len(prompt) :] = torch.tensor(prompt)
+        pad_mask[i, width - len(prompt) :] = True
+    return idx.to(device), pad_mask.to(device)
