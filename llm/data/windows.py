@@ -1,4 +1,5 @@
-"""Training windows over a flat uint16 token stream, and the (resumable) order in which training visits them.
+"""Training windows: the train/val token streams cut from the corpus, windows over them, and the (resumable)
+order in which training visits them.
 
 Window i of a stream with context length T and stride S is `tokens[i*S : i*S + T + 1]`: its first T tokens are
 the input and its last T the target (shifted by one). A stream of N tokens holds `(N - T - 1) // S + 1`
@@ -13,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
+from llm.data.corpus import read_tokenizer_fingerprint
 from llm.errors import LLMError
+from llm.io import atomic_path
+from llm.tokenizer import EOT_ID, tokenizer_fingerprint
 
 TOKEN_DTYPE = np.uint16
 WINDOW_FORMULA = "n_windows = (n_tokens - context_length - 1) // stride + 1 if n_tokens > context_length else 0"
@@ -127,3 +133,110 @@ def _positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
         raise LLMError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def write_splits(
+    corpus: str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float,
+    chunk_tokens: int,
+    seed: int,
+    context_length: int,
+    stride: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Cut the corpus Parquet file into `out_dir/train.bin` and `out_dir/val.bin`; return their description.
+
+    Every document is cut into chunks of `chunk_tokens` tokens; a seeded choice of round(val_fraction * chunks)
+    chunks is val, the rest train, so val is a fixed set whatever the window size. Within a split, consecutive
+    chunks of one document stay joined and the other pieces are separated by EOT_ID. Both splits must hold a
+    window of `context_length` (checked before anything is written). Streams the corpus row group by row group.
+    Returns meta: context_length, stride, per-split n_tokens / n_windows / n_chunks, formula, tokenizer, ….
+    """
+    stride = context_length if stride is None else stride
+    for name, value in (("context_length", context_length), ("stride", stride), ("chunk_tokens", chunk_tokens)):
+        _positive(value, name)
+    if not 0.0 < val_fraction < 1.0:
+        raise LLMError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    parquet = _open_corpus(corpus)
+    doc_tokens = parquet.read(columns=["n_tokens"]).column(0).to_numpy().astype(np.int64)
+    doc_chunks = -(-doc_tokens // chunk_tokens)
+    n_chunks = int(doc_chunks.sum())
+    n_val = round(val_fraction * n_chunks)
+    if not 0 < n_val < n_chunks:
+        raise LLMError(
+            f"cannot split {n_chunks} chunk(s) of {chunk_tokens} tokens with val_fraction {val_fraction} "
+            f"(val would get {n_val}): lower chunk_tokens or change val_fraction"
+        )
+    is_val = np.zeros(n_chunks, dtype=bool)
+    is_val[np.random.default_rng(seed).choice(n_chunks, n_val, replace=False)] = True
+    chunk_doc = np.repeat(np.arange(len(doc_tokens)), doc_chunks)
+    chunk_start = (np.arange(n_chunks) - np.repeat(np.cumsum(doc_chunks) - doc_chunks, doc_chunks)) * chunk_tokens
+    chunk_size = np.minimum(chunk_tokens, doc_tokens[chunk_doc] - chunk_start)
+    new_piece = np.ones(n_chunks, dtype=bool)
+    new_piece[1:] = (chunk_doc[1:] != chunk_doc[:-1]) | (is_val[1:] != is_val[:-1])
+
+    meta: dict[str, Any] = {
+        "context_length": context_length,
+        "stride": stride,
+        "formula": WINDOW_FORMULA,
+        "tokenizer": tokenizer_fingerprint(),
+        "eot_id": EOT_ID,
+        "val_fraction": val_fraction,
+        "chunk_tokens": chunk_tokens,
+        "seed": seed,
+        "documents": len(doc_tokens),
+        "n_tokens": {},
+        "n_windows": {},
+        "n_chunks": {},
+    }
+    for name, mask in (("train", ~is_val), ("val", is_val)):
+        n_tokens = int(chunk_size[mask].sum()) + int(new_piece[mask].sum()) - 1
+        meta["n_tokens"][name], meta["n_chunks"][name] = n_tokens, int(mask.sum())
+        meta["n_windows"][name] = count_windows(n_tokens, context_length, stride)
+        if meta["n_windows"][name] == 0:
+            raise LLMError(
+                f"context_length {context_length} does not fit the {name} split ({n_tokens} tokens): a window "
+                f"needs context_length + 1 tokens; lower sample.context_length or use more data"
+            )
+
+    out = Path(out_dir)
+    eot = np.array([EOT_ID], dtype=TOKEN_DTYPE)
+    with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:
+        with open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
+            files, written = (train_f, val_f), [0, 0]
+            chunk = 0
+            for group in tqdm(range(parquet.num_row_groups), desc="sample", unit="group", disable=not progress):
+                column = parquet.read_row_group(group, columns=["tokens"]).column(0).combine_chunks()
+                values, offsets = column.values.to_numpy(), column.offsets.to_numpy()
+                for doc in range(len(column)):
+                    start = offsets[doc]
+                    while start < offsets[doc + 1]:
+                        split = int(is_val[chunk])
+                        if new_piece[chunk] and written[split]:
+                            eot.tofile(files[split])
+                            written[split] += 1
+                        piece = values[start : start + chunk_size[chunk]]
+                        piece.tofile(files[split])
+                        written[split] += piece.size
+                        start, chunk = start + piece.size, chunk + 1
+        if written != [meta["n_tokens"]["train"], meta["n_tokens"]["val"]]:
+            raise LLMError(f"{corpus}: token counts disagree with its n_tokens column; re-run the tokenize stage")
+    return meta
+
+
+def _open_corpus(path: str | Path) -> pq.ParquetFile:
+    if not Path(path).is_file():
+        raise LLMError(f"corpus file not found: {path} (run the tokenize stage: dvc repro tokenize)")
+    parquet = pq.ParquetFile(path)
+    names = set(parquet.schema_arrow.names)
+    if not {"n_tokens", "tokens"} <= names:
+        raise LLMError(f"{path} is not a tokenized corpus: it lacks n_tokens/tokens columns (has {sorted(names)})")
+    stored = read_tokenizer_fingerprint(path)
+    if stored != tokenizer_fingerprint():
+        raise LLMError(
+            f"{path} was tokenized with {stored or 'an unknown tokenizer'}, expected "
+            f"{tokenizer_fingerprint()}; re-run the tokenize stage"
+        )
+    return parquet

@@ -1,0 +1,191 @@
+"""A folder of text files → one Parquet file of GPT-2 token ids, streamed with bounded memory.
+
+Schema (one row per non-empty document, in file-name order): `doc_id` int64 (0, 1, …), `source` string (file
+path relative to the corpus folder), `n_tokens` int32, `tokens` list<uint16>. Row groups hold about
+`row_group_tokens` tokens each. Memory is bounded by the text batch (`batch_chars`), one row group and the
+largest single file, whatever the number of files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tiktoken
+from tqdm import tqdm
+
+from llm.data.text import read_text, strip_gutenberg
+from llm.errors import LLMError
+from llm.io import atomic_path
+from llm.tokenizer import tokenizer_fingerprint
+
+SCHEMA = pa.schema(
+    [("doc_id", pa.int64()), ("source", pa.string()), ("n_tokens", pa.int32()), ("tokens", pa.list_(pa.uint16()))]
+)
+TOKENIZER_KEY = b"tokenizer"  # Parquet key-value metadata: which token ids these are
+# A space right after a non-space character always starts a new pre-tokenizer piece of the GPT-2 regex (no
+# piece can run across it), so text cut before such a space encodes to exactly the tokens of the whole text.
+_SAFE_CUT = re.compile(r"(?<=\S) ")
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """What `tokenize_corpus` did: counts, input bytes (before normalisation), and wall time in seconds."""
+
+    documents: int
+    empty_documents: int
+    tokens: int
+    bytes: int
+    row_groups: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {**dataclasses.asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
+
+
+def list_text_files(corpus_dir: str | Path) -> list[Path]:
+    """The `*.txt` files under `corpus_dir` (recursively), sorted; LLMError when there are none."""
+    root = Path(corpus_dir)
+    if not root.is_dir():
+        raise LLMError(f"corpus folder not found: {root} (run the fetch stage: dvc repro fetch)")
+    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    if not files:
+        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
+        found = f"; it holds {', '.join(others)}" if others else "; it is empty"
+        raise LLMError(f"corpus folder {root} has no .txt files{found}")
+    return files
+
+
+def split_text(text: str, piece_chars: int) -> list[str]:
+    """Cut `text` into pieces of about `piece_chars` characters (or more) that encode independently.
+
+    Each cut is placed before the first space after the target length that follows a non-space character,
+    so `sum(encode(piece) for piece in pieces) == encode(text)` for the GPT-2 tokenizer.
+    """
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = _SAFE_CUT.search(text, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize_corpus(
+    corpus_dir: str | Path,
+    out_path: str | Path,
+    enc: tiktoken.Encoding,
+    *,
+    strip_boilerplate: bool = True,
+    allow_replacement: bool = False,
+    row_group_tokens: int = 1 << 20,
+    num_threads: int | None = None,
+    batch_chars: int = 8 << 20,
+    piece_chars: int = 1 << 16,
+    progress: bool = True,
+) -> CorpusStats:
+    """Tokenize every text file of `corpus_dir` into the Parquet file `out_path` (written atomically).
+
+    Files are read `batch_chars` characters at a time, cut into `piece_chars` pieces and encoded on
+    `num_threads` threads (default: all CPUs) with `enc.encode_ordinary` (special tokens are plain text).
+    Empty documents (after boilerplate removal) are skipped; a corpus with no tokens at all is an error.
+    """
+    files = list_text_files(corpus_dir)
+    threads = num_threads or os.cpu_count() or 1
+    started = time.perf_counter()
+    corpus_dir = Path(corpus_dir)
+    n_docs = n_empty = n_tokens = n_groups = pending_tokens = 0
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal n_docs, n_groups, pending_tokens
+        if pending:
+            writer.write_table(_table(pending, first_id=n_docs))
+            n_docs, n_groups, pending_tokens = n_docs + len(pending), n_groups + 1, 0
+            pending.clear()
+
+    def encode(piece: str) -> np.ndarray:
+        return np.array(enc.encode_ordinary(piece), dtype=np.uint16)
+
+    schema = SCHEMA.with_metadata({TOKENIZER_KEY: tokenizer_fingerprint().encode()})
+    total_bytes = sum(f.stat().st_size for f in files)
+    with (
+        atomic_path(out_path) as tmp,
+        pq.ParquetWriter(tmp, schema) as writer,
+        ThreadPoolExecutor(threads) as pool,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress) as bar,
+    ):
+        for batch in _text_batches(files, batch_chars, strip_boilerplate, allow_replacement):
+            pieces = [split_text(text, piece_chars) for _, text, _ in batch]
+            encoded = iter(pool.map(encode, [p for doc in pieces for p in doc]))
+            for (path, _, size), doc_pieces in zip(batch, pieces, strict=True):
+                tokens = np.concatenate([next(encoded) for _ in doc_pieces])
+                bar.update(size)
+                if tokens.size == 0:
+                    n_empty += 1
+                    continue
+                pending.append((path.relative_to(corpus_dir).as_posix(), tokens))
+                n_tokens += tokens.size
+                pending_tokens += tokens.size
+                if pending_tokens >= row_group_tokens:
+                    flush()
+        flush()
+        if n_docs == 0:
+            raise LLMError(f"corpus {corpus_dir} is empty: its {len(files)} text file(s) hold no text")
+    return CorpusStats(n_docs, n_empty, n_tokens, total_bytes, n_groups, time.perf_counter() - started)
+
+
+def _text_batches(
+    files: list[Path], batch_chars: int, strip_boilerplate: bool, allow_replacement: bool
+) -> Iterator[list[tuple[Path, str, int]]]:
+    """Groups of (path, normalised text, file bytes) holding about `batch_chars` characters (or one file)."""
+    batch: list[tuple[Path, str, int]] = []
+    chars = 0
+    for path in files:
+        text = read_text(path, allow_replacement=allow_replacement)
+        if strip_boilerplate:
+            text = strip_gutenberg(text)
+        batch.append((path, text, path.stat().st_size))
+        chars += len(text)
+        if chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _table(rows: list[tuple[str, np.ndarray]], first_id: int) -> pa.Table:
+    lengths = np.array([t.size for _, t in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate([t for _, t in rows])))
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.arange(first_id, first_id + len(rows), dtype=np.int64)),
+            pa.array([source for source, _ in rows], pa.string()),
+            pa.array(lengths.astype(np.int32)),
+            tokens,
+        ],
+        schema=SCHEMA,
+    )
+
+
+def read_tokenizer_fingerprint(path: str | Path) -> str | None:
+    """The tokenizer fingerprint stored in a corpus Parquet file's metadata (None if absent)."""
+    metadata = pq.read_schema(path).metadata or {}
+    value = metadata.get(TOKENIZER_KEY)
+    return value.decode() if value is not None else None
