@@ -128,7 +128,7 @@ def tokenize_corpus(
         atomic_path(out_path) as tmp,
         pq.ParquetWriter(tmp, schema) as writer,
         ThreadPoolExecutor(threads) as pool,
-        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress) as bar,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None if progress else True) as bar,
     ):
         for batch in _text_batches(files, batch_chars, strip_boilerplate, allow_replacement):
             pieces = [split_text(text, piece_chars) for _, text, _ in batch]

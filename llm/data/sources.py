@@ -105,7 +105,7 @@ def fetch_all(sources: Sequence[Source], raw_dir: str | Path, mirror: Path | Non
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     counts = {"mirror": 0, "download": 0}
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=raw_dir.parent) as staging:
-        for source in tqdm(sources, desc="fetch", unit="file"):
+        for source in tqdm(sources, desc="fetch", unit="file", disable=None):
             counts[fetch_source(source, Path(staging) / source.path, mirror)] += 1
         for source in sources:
             (raw_dir / source.path).parent.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,9 @@ def write_splits(
         with open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
             files, written = (train_f, val_f), [0, 0]
             chunk = 0
-            for group in tqdm(range(parquet.num_row_groups), desc="sample", unit="group", disable=not progress):
+            for group in tqdm(
+                range(parquet.num_row_groups), desc="sample", unit="group", disable=None if progress else True
+            ):
                 column = parquet.read_row_group(group, columns=["tokens"]).column(0).combine_chunks()
                 values, offsets = column.values.to_numpy(), column.offsets.to_numpy()
                 for doc in range(len(column)):
