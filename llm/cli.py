@@ -170,6 +170,43 @@ def instruct_command(args: argparse.Namespace) -> None:
         print(answer(instruction, text), flush=True)
 
 
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (none: read lines from stdin)")
+    parser.add_argument("--model", default="models/classifier", help="classifier directory (default models/classifier)")
+    parser.add_argument("--base", default=None, help="base model of an adapter (default: the path it recorded)")
+    parser.add_argument("--file", default=None, help="read texts from a UTF-8 file, one per line (blank lines skipped)")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+@command("classify", "label texts with a fine-tuned classifier; prints label<TAB>probability", _classify_arguments)
+def classify_command(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llm.classifier import classify, load_classifier
+    from llm.tokenizer import get_tokenizer
+
+    if args.texts and args.file:
+        raise LLMError("give TEXT arguments or --file, not both")
+    texts = args.texts
+    if not texts:
+        if args.file:
+            try:
+                raw = Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise LLMError(f"cannot read {args.file}: {err}") from err
+        elif sys.stdin.isatty():
+            raise LLMError("no texts: give TEXT arguments, --file, or lines on stdin")
+        else:
+            raw = sys.stdin.read()
+        texts = [line for line in raw.splitlines() if line.strip()]
+        if not texts:
+            raise LLMError(f"no texts to classify in {args.file or 'stdin'}")
+    model = load_classifier(args.model, base=args.base, device=_device(args.device))
+    for label, probability in classify(model, texts, get_tokenizer(), batch_size=args.batch_size):
+        print(f"{label}\t{probability:.4f}")
+
+
 def _device(name: str | None) -> str:
     import torch
 
