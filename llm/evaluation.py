@@ -14,7 +14,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -90,6 +90,25 @@ def perplexity(model: GPT, tokens: torch.Tensor, *, batch_size: int = 8, progres
         total += F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum").item()
     model.train(was_training)
     return Perplexity(total / (n - 1), math.exp(total / (n - 1)), n - 1)
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean cross-entropy (nats) per counted target over (inputs, targets) batches of shape (B, T); targets equal
+    to -100 are not counted, so the mean weighs every token equally whatever the batch it falls in."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        logits = model(inputs.to(device))
+        targets = targets.to(device).flatten()
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum").item()
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    if count == 0:
+        raise LLMError("mean_loss: the batches hold no target tokens")
+    return total / count
 
 
 @dataclass(frozen=True)

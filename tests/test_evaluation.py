@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llm.config import get_preset
 from llm.errors import LLMError
-from llm.evaluation import lcs_length, perplexity, rouge_l_f1, words
+from llm.evaluation import lcs_length, mean_loss, perplexity, rouge_l_f1, words
 from llm.model import GPT
 
 
@@ -66,3 +66,20 @@ def test_uniform_model_has_perplexity_vocab_size(model: GPT) -> None:
 def test_perplexity_needs_two_tokens(model: GPT) -> None:
     with pytest.raises(LLMError, match="at least 2 tokens"):
         perplexity(model, torch.tensor([5]), progress=False)
+
+
+def test_mean_loss_weighs_every_counted_token_equally(model: GPT) -> None:
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = torch.randint(0, 97, (2, 6), generator=g), torch.randint(0, 97, (1, 3), generator=g)
+    y1, y2 = torch.randint(0, 97, (2, 6), generator=g), torch.randint(0, 97, (1, 3), generator=g)
+    y1[1, 4:] = -100
+    per_token = torch.cat(
+        [
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")[y.flatten() != -100]
+            for x, y in [(x1, y1), (x2, y2)]
+        ]
+    )
+    assert per_token.numel() == 13
+    assert mean_loss(model, [(x1, y1), (x2, y2)]) == pytest.approx(per_token.mean().item(), rel=1e-5)
+    with pytest.raises(LLMError, match="no target tokens"):
+        mean_loss(model, [(x2, torch.full_like(y2, -100))])
