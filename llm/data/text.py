@@ -17,6 +17,9 @@ _FOOTER_START = re.compile(
     r"^[*\s]*END OF (?:THE |THIS )?PROJECT GUTENBERG|^\*?(?:THE )?PROJECT GUTENBERG ETEXT OF",
     re.IGNORECASE | re.MULTILINE,
 )
+# Markers are looked for in the first / last this many characters (PG headers and licence footers span up to
+# ~21 K characters), so stripping costs the same whatever the book's length.
+MARKER_WINDOW = 1 << 16
 
 
 def decode_text(data: bytes, source: str | Path, *, allow_replacement: bool = False) -> str:
@@ -46,11 +49,12 @@ def strip_gutenberg(text: str) -> str:
     """`text` without a Project Gutenberg header and licence footer; text without the markers is unchanged.
 
     Everything up to and including the header's end line goes, and everything from the footer's first line;
-    the kept body is trimmed of surrounding blank lines.
+    the kept body is trimmed of surrounding blank lines. Markers are searched within MARKER_WINDOW characters
+    of either end.
     """
-    header = _HEADER_END.search(text)
+    header = _HEADER_END.search(text, 0, MARKER_WINDOW)
     start = 0 if header is None else _next_line(text, header.end())
-    footer = _FOOTER_START.search(text, start)
+    footer = _FOOTER_START.search(text, max(start, len(text) - MARKER_WINDOW))
     if header is None and footer is None:
         return text
     end = len(text) if footer is None else footer.start()
