@@ -105,10 +105,10 @@ def tokenize_corpus(
     `num_threads` threads (default: all CPUs) exactly like `enc.encode_ordinary` (special tokens are plain text).
     Empty documents (after boilerplate removal) are skipped; a corpus with no tokens at all is an error.
     """
+    corpus_dir = Path(corpus_dir)
     files = list_text_files(corpus_dir)
     threads = num_threads or os.cpu_count() or 1
     started = time.perf_counter()
-    corpus_dir = Path(corpus_dir)
     n_docs = n_empty = n_tokens = n_groups = pending_tokens = 0
     pending: list[tuple[str, np.ndarray]] = []
 

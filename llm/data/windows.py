@@ -202,7 +202,7 @@ def write_splits(
             )
 
     out = Path(out_dir)
-    eot = np.array([EOT_ID], dtype=TOKEN_DTYPE)
+    eot = np.array([EOT_ID], dtype=TOKEN_DTYPE).tobytes()
     with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:
         with open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
             files, written = (train_f, val_f), [0, 0]
@@ -217,10 +217,10 @@ def write_splits(
                     while start < offsets[doc + 1]:
                         split = int(is_val[chunk])
                         if new_piece[chunk] and written[split]:
-                            eot.tofile(files[split])
+                            files[split].write(eot)
                             written[split] += 1
                         piece = values[start : start + chunk_size[chunk]]
-                        piece.tofile(files[split])
+                        files[split].write(piece)  # a contiguous uint16 slice: written as-is
                         written[split] += piece.size
                         start, chunk = start + piece.size, chunk + 1
         if written != [meta["n_tokens"]["train"], meta["n_tokens"]["val"]]:
