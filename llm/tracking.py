@@ -1,0 +1,300 @@
+"""Tracking one stage run: MLflow (params, step metrics, artifacts, tags) and DVC files, behind one interface.
+
+A `Tracker` writes, for stage S under the repository root:
+- `metrics/S.json`: the latest value of every metric (for `dvc metrics show/diff`, `dvc exp show`);
+- `plots/S/<metric>.csv`: `step,<metric>` rows of every per-step metric (declared as DVC plots);
+- `runs/S.json`: `{"run_id", "tracking_uri", "experiment_id"}`, so later stages can log the run ids of the
+  stages they depend on even when DVC skipped those stages (lineage survives cache hits);
+- one MLflow run (experiment `$MLFLOW_EXPERIMENT_NAME`, default "llm") tagged with the stage, the git
+  commit and dirty flag, and the DVC experiment name (`$DVC_EXP_NAME`). With `$LLM_MLFLOW_PARENT_RUN_ID`
+  set (by a pipeline wrapper) the run is a child of that run.
+
+The tracking URI is `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<repo>/mlflow.db` (absolute, so runs
+made in the temporary copies of `dvc exp run --temp/--queue` land in the real repository). `LLM_MLFLOW=off`
+keeps only the DVC files. When MLflow fails (server down, store locked), the tracker warns once and goes on
+with the DVC files: tracking never stops training. The run always ends: FINISHED, FAILED on an exception,
+KILLED on SIGINT/SIGTERM (`Interrupted`). mlflow and matplotlib are imported only when a run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from llm.errors import LLMError
+from llm.io import atomic_path, write_json
+
+PARENT_RUN_ENV = "LLM_MLFLOW_PARENT_RUN_ID"
+MLFLOW_SWITCH_ENV = "LLM_MLFLOW"
+DEFAULT_EXPERIMENT = "llm"
+_BATCH = 500  # metrics per MLflow log_batch call (its limit is 1000)
+
+
+class Interrupted(LLMError):
+    """The run was stopped by a signal (SIGINT/SIGTERM); `signum` names it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The repository a stage runs in: the real one for DVC's temporary experiment copies
+    (`<repo>/.dvc/tmp/exps/...`), else the nearest ancestor holding `.dvc` or `.git` (else `start`)."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return next((p for p in (here, *here.parents) if (p / ".dvc").is_dir() or (p / ".git").exists()), here)
+
+
+def tracking_uri(start: Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI`, else an absolute SQLite URI for `<repo root>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(start) / 'mlflow.db'}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: {"model": {"emb_dim": 64}} → {"model.emb_dim": 64}."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Tracks one run of stage `stage`: use as a context manager (or call `close`).
+
+    root: repository root the DVC files are written under (default: the working directory, where stages run).
+    upstream: stages whose `runs/<name>.json` run ids are logged as params `upstream.<name>.run_id`.
+    mlflow: False writes only the DVC files; None (default) follows `$LLM_MLFLOW` (off/0/false disables).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        root: str | os.PathLike[str] = ".",
+        upstream: tuple[str, ...] = (),
+        mlflow: bool | None = None,
+        uri: str | None = None,
+    ) -> None:
+        self.stage = stage
+        self.root = Path(root)
+        self.metrics_file = self.root / "metrics" / f"{stage}.json"
+        self.plots_dir = self.root / "plots" / stage
+        self.run_file = self.root / "runs" / f"{stage}.json"
+        self.latest: dict[str, float | int] = {}
+        self.series: dict[str, dict[int, float | int]] = {}
+        self.status: str | None = None
+        self.run_id: str | None = None
+        self.uri = uri or tracking_uri(self.root)
+        self.experiment_id: str | None = None
+        self._client: Any = None
+        self._pending: list[Any] = []
+        self._previous_handler: Any = None
+        if mlflow is None:
+            mlflow = os.environ.get(MLFLOW_SWITCH_ENV, "on").lower() not in ("0", "off", "false", "no")
+        if mlflow:
+            try:
+                self._start()
+            except Exception as err:
+                self._disable(err)
+        run = {"run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": self.experiment_id}
+        write_json(self.run_file, run if self.run_id else {"run_id": None, "tracking_uri": None})
+        self.log_params(
+            {f"upstream.{name}.run_id": run_id for name in upstream if (run_id := _run_id(self.root, name))}
+        )
+
+    # -- logging ------------------------------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (nested) params once each; values are stringified (None as "null")."""
+        if self._client is None:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, "null" if v is None else str(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self._mlflow(lambda chunk=items[i : i + 100]: self._client.log_batch(self.run_id, params=chunk))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow(lambda: self._client.log_batch(self.run_id, tags=_tags(tags)))
+
+    def log_metrics(self, metrics: Mapping[str, float | int], step: int | None = None) -> None:
+        """Record metrics; with a `step` they are also a per-step series (plots, MLflow history).
+
+        Values are sent to MLflow in batches and the DVC files written on `flush` (also called by `close`).
+        """
+        if self._client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for key, value in metrics.items():
+            self.latest[key] = value
+            if step is not None:
+                self.series.setdefault(key, {})[step] = value
+        if len(self._pending) >= _BATCH:
+            self._send_metrics()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact, e.g. "samples/step_000100.txt" (MLflow only)."""
+        self._mlflow(lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """A JSON/YAML artifact (by the file's extension), e.g. "config.json" (MLflow only)."""
+        self._mlflow(lambda: self._client.log_dict(self.run_id, dict(data), artifact_file))
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """A local file or directory as an artifact (MLflow only)."""
+        self._mlflow(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def flush(self) -> None:
+        """Write metrics/<stage>.json and plots/<stage>/*.csv atomically; send buffered metrics to MLflow."""
+        self._send_metrics()
+        write_json(self.metrics_file, {k: _json_number(v) for k, v in self.latest.items()})
+        for key, points in self.series.items():
+            with atomic_path(self.plots_dir / f"{key}.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", key])
+                writer.writerows(sorted(points.items()))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED)."""
+        if self.status is not None:
+            return
+        self.status = status
+        try:
+            self.flush()
+            if self._client is not None and any(key.endswith("loss") for key in self.series):
+                self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
+        finally:
+            self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
+
+    def __enter__(self) -> Tracker:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+        killed = isinstance(exc, Interrupted | KeyboardInterrupt)
+        self.close("FINISHED" if exc is None else "KILLED" if killed else "FAILED")
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a down server fails in seconds, not minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            local = self.uri.startswith("sqlite:")  # keep artifacts beside the store, not in a DVC temp copy
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if local else None
+            with contextlib.suppress(Exception):  # another process may have created it meanwhile
+                client.create_experiment(name, artifact_location=location)
+            experiment = client.get_experiment_by_name(name)
+        exp_name = os.environ.get("DVC_EXP_NAME", "")
+        tags = {"dvc.stage": self.stage, "dvc.exp_name": exp_name, "mlflow.source.name": f"stages.{self.stage}"}
+        tags |= _git_tags(self.root)
+        if parent := os.environ.get(PARENT_RUN_ENV):
+            tags["mlflow.parentRunId"] = parent
+        run_name = f"{self.stage} ({exp_name})" if exp_name else self.stage
+        run = client.create_run(experiment.experiment_id, run_name=run_name, tags=_tags(tags))
+        self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment.experiment_id
+
+    def _send_metrics(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), _BATCH):
+            self._mlflow(lambda chunk=pending[i : i + _BATCH]: self._client.log_batch(self.run_id, metrics=chunk))
+
+    def _mlflow(self, call: Callable[[], Any]) -> None:
+        """Run an MLflow call; on the first failure warn once and continue without MLflow."""
+        if self._client is None:
+            return
+        try:
+            call()
+        except Exception as err:
+            self._disable(err)
+
+    def _disable(self, err: Exception) -> None:
+        print(
+            f"warning: MLflow at {self.uri} failed ({type(err).__name__}: {str(err)[:300]}); continuing "
+            f"without it: metrics go to {self.metrics_file} and {self.plots_dir}/ only",
+            file=sys.stderr,
+        )
+        self._client, self._pending = None, []
+
+    def _loss_figure(self) -> Any:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(7, 4), dpi=100)
+        axes = figure.add_subplot()
+        for key in sorted(k for k in self.series if k.endswith("loss")):
+            steps, values = zip(*sorted(self.series[key].items()), strict=True)
+            axes.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None)
+        axes.set(xlabel="step", ylabel="cross-entropy (nats)", title=f"{self.stage}: loss")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        return figure
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
+def _run_id(root: Path, stage: str) -> str | None:
+    path = root / "runs" / f"{stage}.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    return None
+
+
+def _git_tags(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+            "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _tags(tags: Mapping[str, Any]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def _json_number(value: float | int) -> float | int | None:
+    return value if math.isfinite(value) else None
