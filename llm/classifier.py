@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from llm.checkpoint import WEIGHTS_FILE, load_model, read_json, read_safetensors, write_safetensors
 from llm.config import GPTConfig, from_mapping
-from llm.data.classification import ClassificationBatch, collate, encode_text
+from llm.data.classification import collate, encode_text
 from llm.errors import LLMError
 from llm.io import sha256_file, write_json
 from llm.lora import apply_lora, load_trainable, remove_lora, save_trainable
@@ -93,10 +93,6 @@ class GPTClassifier(nn.Module):
         hidden = self.gpt.hidden_states(ids)
         return self.head(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
 
-    def loss(self, batch: ClassificationBatch) -> torch.Tensor:
-        """Mean cross-entropy of a batch."""
-        return F.cross_entropy(self(batch.ids, batch.lengths).float(), batch.labels)
-
     def apply_method(self) -> list[str]:
         """Freeze and wrap per `config.method`; the head is always trainable. Returns the LoRA-wrapped layers."""
         config, wrapped = self.config, []
@@ -112,6 +108,12 @@ class GPTClassifier(nn.Module):
             self.gpt.ln_f.requires_grad_(True)
         self.head.requires_grad_(True)
         return wrapped
+
+
+def classification_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of a (ids, lengths, labels) batch; the training engine's `loss_fn` for classifiers."""
+    ids, lengths, labels = batch
+    return F.cross_entropy(model(ids, lengths).float(), labels)
 
 
 def save_classifier(model: GPTClassifier, directory: PathLike, base_dir: PathLike) -> None:
@@ -198,15 +200,18 @@ def load_classifier(
 
 
 @torch.no_grad()
-def predict_proba(model: GPTClassifier, batches: Iterable[ClassificationBatch]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), probabilities (N, num_classes)) over `batches`, in order; the model is put in eval mode."""
+def predict_proba(model: GPTClassifier, batches: Iterable[Sequence[torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), probabilities (N, num_classes)) over (ids, lengths, labels) batches, in order.
+
+    The model is put in eval mode; batches are moved to its device.
+    """
     model.eval()
     device = next(model.parameters()).device
     labels, probs = [], []
-    for batch in batches:
-        batch = batch.to(device)
-        probs.append(torch.softmax(model(batch.ids, batch.lengths).float(), dim=-1).cpu())
-        labels.append(batch.labels.cpu())
+    for ids, lengths, batch_labels in batches:
+        logits = model(ids.to(device), lengths.to(device))
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        labels.append(batch_labels)
     return torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 

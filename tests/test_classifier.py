@@ -13,6 +13,7 @@ from llm.classifier import (
     ClassifierConfig,
     GPTClassifier,
     LoRAConfig,
+    classification_loss,
     classification_metrics,
     classify,
     export_merged,
@@ -69,7 +70,7 @@ def test_methods_train_the_right_parameters(base_dir: Path, method: str) -> None
     model = GPTClassifier(load_model(base_dir), ClassifierConfig(method=method, lora=LoRAConfig(r=2)))
     model.apply_method()
     model.train()
-    model.loss(BATCH).backward()
+    classification_loss(model, BATCH).backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert with_grad == trainable

@@ -154,9 +154,6 @@ class ClassificationBatch(NamedTuple):
         """Bool (B, T): True on real tokens, False on padding."""
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
 
-    def to(self, device: torch.device | str) -> ClassificationBatch:
-        return ClassificationBatch(*(t.to(device) for t in self))
-
 
 def collate(items: Sequence[tuple[list[int], int]], pad_id: int = EOT_ID) -> ClassificationBatch:
     """Right-pad token lists to the longest in the batch (so a row's last real token is at `lengths - 1`)."""
