@@ -222,7 +222,7 @@ class Tracker:
         if parent := os.environ.get(PARENT_RUN_ENV):
             tags["mlflow.parentRunId"] = parent
         run_name = f"{self.stage} ({exp_name})" if exp_name else self.stage
-        run = client.create_run(experiment.experiment_id, run_name=run_name, tags=_tags(tags))
+        run = client.create_run(experiment.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment.experiment_id
 
     def _send_metrics(self) -> None:

@@ -142,6 +142,7 @@ def loss_evaluator(batches: Sequence[Batch], loss_fn: LossFn = lm_loss, prefix: 
     if not batches:
         raise LLMError(f"the {prefix} set is empty: need at least one batch to evaluate on")
 
+    @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         loss = sum(float(loss_fn(model, to_device(batch, device))) for batch in batches) / len(batches)

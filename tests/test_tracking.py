@@ -1,0 +1,213 @@
+"""llm.tracking: MLflow runs (SQLite store and a real `mlflow server`), their end states, lineage, the DVC
+files, and training that survives an MLflow outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from llm.errors import LLMError
+from llm.tracking import PARENT_RUN_ENV, Interrupted, Tracker, repo_root, tracking_uri
+
+
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store with its schema created once (that takes ~6 s); tests copy it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(migrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh store for one test, in MLFLOW_TRACKING_URI; git and DVC experiment context of a real run."""
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lr3")
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    return uri
+
+
+def runs(uri: str) -> pd.DataFrame:
+    """Every run in the store, as `mlflow.search_runs` reports them."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def test_repo_root_sees_through_dvc_temp_copies(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd" / "stages"
+    temp_copy.mkdir(parents=True)
+    (temp_copy.parent / ".dvc").mkdir()  # the copy is a repository of its own
+    assert repo_root(temp_copy) == repo
+    assert repo_root(repo / ".dvc" / "tmp") == repo
+    (repo / "sub").mkdir()
+    assert repo_root(repo / "sub") == repo
+
+
+def test_default_uri_is_absolute_sqlite_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "tmp" / "exps" / "x").mkdir(parents=True)
+    assert tracking_uri(tmp_path / ".dvc" / "tmp" / "exps" / "x") == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri(tmp_path).startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking_uri(tmp_path) == "http://tracking.example:5000"
+
+
+def test_run_has_params_metrics_tags_artifacts_and_dvc_files(store: str, tmp_path: Path) -> None:
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "sample.json").write_text(json.dumps({"run_id": "abc123", "tracking_uri": store}))
+    with Tracker("pretrain", root=tmp_path, upstream=("sample", "tokenize")) as tracker:
+        tracker.log_params({"pretrain": {"lr": 0.001, "betas": (0.9, 0.95)}, "model": {"init": "scratch"}})
+        for step in range(1, 4):
+            tracker.log_metrics({"loss": 4.0 / step, "lr": 1e-3}, step)
+        tracker.log_metrics({"val_loss": 2.5}, 3)
+        tracker.log_metrics({"tokens": 1536})
+        tracker.log_text("Once upon a time", "samples/step_00000003.txt")
+    frame = runs(store)
+    assert len(frame) == 1
+    row = frame.iloc[0]
+    assert row["status"] == "FINISHED" and row["run_id"] == tracker.run_id
+    assert row["params.pretrain.lr"] == "0.001" and row["params.pretrain.betas"] == "(0.9, 0.95)"
+    assert row["params.upstream.sample.run_id"] == "abc123" and "params.upstream.tokenize.run_id" not in frame
+    assert row["metrics.loss"] == pytest.approx(4 / 3) and row["metrics.val_loss"] == 2.5
+    assert row["tags.dvc.stage"] == "pretrain" and row["tags.dvc.exp_name"] == "exp-lr3"
+    assert row["tags.mlflow.runName"] == "pretrain (exp-lr3)"
+    assert row["tags.mlflow.source.git.commit"] == commit and row["tags.git.dirty"] == "false"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == pytest.approx([4.0, 2.0, 4 / 3])
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert {"samples", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "plots")] == ["plots/loss.png"]
+    assert json.loads((tmp_path / "runs" / "pretrain.json").read_text())["run_id"] == tracker.run_id
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics == {"loss": pytest.approx(4 / 3), "lr": 1e-3, "val_loss": 2.5, "tokens": 1536}
+    assert (tmp_path / "plots" / "pretrain" / "loss.csv").read_text().splitlines()[:2] == ["step,loss", "1,4.0"]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(RuntimeError("boom"), "FAILED"), (LLMError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
+)
+def test_runs_never_stay_running(store: str, tmp_path: Path, error: BaseException, status: str) -> None:
+    with pytest.raises(type(error)), Tracker("pretrain", root=tmp_path):
+        raise error
+    assert list(runs(store)["status"]) == [status]
+
+
+def test_sigterm_ends_the_run_killed(store: str, tmp_path: Path) -> None:
+    with pytest.raises(Interrupted, match="SIGTERM"), Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert list(runs(store)["status"]) == ["KILLED"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_child_of_a_pipeline_parent_run(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Tracker("parent", root=tmp_path) as parent:
+        monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)  # type: ignore[arg-type]
+        with Tracker("pretrain", root=tmp_path) as child:
+            pass
+    frame = runs(store).set_index("run_id")
+    assert frame.loc[child.run_id, "tags.mlflow.parentRunId"] == parent.run_id
+    assert set(frame["status"]) == {"FINISHED"}
+
+
+def test_mlflow_down_warns_once_and_keeps_dvc_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_params({"lr": 1e-3})
+        tracker.log_metrics({"loss": 2.0}, 1)
+        tracker.log_text("hello", "samples/a.txt")
+    assert tracker.run_id is None and capsys.readouterr().err.count("warning: MLflow") == 1
+    assert json.loads((tmp_path / "metrics" / "pretrain.json").read_text()) == {"loss": 2.0}
+    assert json.loads((tmp_path / "runs" / "pretrain.json").read_text()) == {"run_id": None, "tracking_uri": None}
+
+
+def test_mlflow_switched_off_never_imports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = (
+        "import sys; from llm.tracking import Tracker\n"
+        f"with Tracker('x', root={str(tmp_path)!r}) as t: t.log_params({{'a': 1}}); t.log_metrics({{'loss': 1.0}}, 1)\n"
+        "assert 'mlflow' not in sys.modules\n"
+    )
+    env = {**os.environ, "LLM_MLFLOW": "off"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    assert (tmp_path / "plots" / "x" / "loss.csv").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(migrated_store: Path, tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (skips, saying why, if it does not come up within 60 s)."""
+    shutil.copy(migrated_store, tmp_path / "server.db")
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    args = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                tail = (tmp_path / "server.log").read_text()[-500:]
+                pytest.skip(f"mlflow server did not start on {url} within 60 s: {tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn workers (its own process group)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_logs_to_a_real_mlflow_server(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    with Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_params({"lr": 0.01})
+        tracker.log_metrics({"loss": 3.0}, 1)
+        tracker.log_metrics({"loss": 2.0}, 2)
+        tracker.log_text("a sample", "samples/step_00000002.txt")
+    found = runs(mlflow_server)
+    assert list(found["run_id"]) == [tracker.run_id] and list(found["status"]) == ["FINISHED"]
+    assert found.loc[0, "metrics.loss"] == 2.0
+    assert json.loads((tmp_path / "runs" / "pretrain.json").read_text())["tracking_uri"] == mlflow_server
