@@ -207,6 +207,22 @@ def classify_command(args: argparse.Namespace) -> None:
         print(f"{label}\t{probability:.4f}")
 
 
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["repro", "exp-run"], help="dvc repro, or dvc exp run")
+    parser.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc, e.g. -S pretrain.lr=0.002")
+
+
+@command(
+    "pipeline", "run dvc repro / dvc exp run inside a parent MLflow run (stages log child runs)", _pipeline_arguments
+)
+def pipeline_command(args: argparse.Namespace) -> None:
+    from llm.pipeline import run_pipeline
+
+    code = run_pipeline(args.action, args.dvc_args)
+    if code:
+        raise SystemExit(code)
+
+
 def _device(name: str | None) -> str:
     import torch
 
