@@ -15,6 +15,7 @@ from torch import nn
 
 from llm.config import GPTConfig
 from llm.errors import LLMError
+from llm.losses import linear_cross_entropy
 
 
 class KVCache:
@@ -136,19 +137,31 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise LLMError(f"KV cache holds {cache.max_len} positions; {past} used, {T} more requested")
-        real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        seen = cache.n_real if cache is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-        pos = (seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
-        if int(pos.max()) >= self.config.context_length:
+        seen = cache.n_real[:, None] if cache is not None else 0
+        if pad_mask is None:  # positions follow from the shapes alone: no host sync on the hot path
+            pos = seen + torch.arange(T, device=idx.device)
+            longest = past + T
+        else:
+            pos = (seen + pad_mask.long().cumsum(1) - 1).clamp(min=0)
+            longest = past + T if past + T <= self.config.context_length else int(pos.max()) + 1
+        if longest > self.config.context_length:
             raise LLMError(
-                f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context_length "
-                f"{self.config.context_length}"
+                f"sequence of {longest} tokens exceeds the model's context_length {self.config.context_length}"
             )
-        mask = self._attention_mask(real, cache, past) if pad_mask is not None or past else None
+        if cache is not None and not cache.has_padding and T == 1 and (pad_mask is None or bool(pad_mask.all())):
+            mask = None  # one new token with no padding anywhere: it may see everything cached
+        elif pad_mask is not None or past:
+            real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            mask = self._attention_mask(real, cache, past)
+        else:
+            mask = None  # plain causal attention
         if cache is not None:
-            cache.real[:, past : past + T] = real
-            cache.n_real += real.sum(1)
-            cache.has_padding |= pad_mask is not None and not bool(pad_mask.all())
+            if pad_mask is None:
+                cache.n_real += T
+            else:
+                cache.real[:, past : past + T] = pad_mask
+                cache.n_real += pad_mask.sum(1)
+                cache.has_padding |= not bool(pad_mask.all())
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer)
@@ -157,16 +170,13 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     @staticmethod
-    def _attention_mask(real: torch.Tensor, cache: KVCache | None, past: int) -> torch.Tensor | None:
+    def _attention_mask(real: torch.Tensor, cache: KVCache | None, past: int) -> torch.Tensor:
         """Bool (B, 1, T, S) mask: causal, no attention to padding, every query sees at least itself."""
         T = real.shape[1]
-        if cache is not None and not cache.has_padding and bool(real.all()) and T == 1:
-            return None  # one new token with no padding anywhere: it may see everything cached
         keys_real = torch.cat([cache.real[:, :past], real], dim=1) if cache is not None else real
         q_pos = torch.arange(past, past + T, device=real.device)[:, None]
         k_pos = torch.arange(past + T, device=real.device)[None, :]
-        causal = k_pos <= q_pos
-        mask = causal[None] & keys_real[:, None, :]
+        mask = (k_pos <= q_pos)[None] & keys_real[:, None, :]  # causal, real keys only
         mask |= k_pos == q_pos  # padded queries attend to themselves (avoids an all-masked row)
         return mask[:, None]
 
@@ -183,10 +193,11 @@ class GPT(nn.Module):
         Target positions equal to -100 are ignored in the loss.
         """
         h = self.hidden_states(idx, cache=cache, pad_mask=pad_mask)
-        logits = self.lm_head(h)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return self.lm_head(h)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:  # the language-model head: fused loss
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype, for up to `max_len` (default: context) tokens."""
