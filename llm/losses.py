@@ -65,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if padded != vocab:  # one copy, which also does the autocast cast
             w[:vocab], w[vocab:] = weight, 0
         valid = targets != ignore_index
-        row_weight = (valid / valid.sum()).to(acc)[:, None]  # 1/n for counted rows, 0 for ignored ones
+        row_weight = (valid.to(acc) / valid.sum())[:, None]  # 1/n for counted rows, 0 for ignored ones
         safe_targets = torch.where(valid, targets, 0)[:, None]
         loss = torch.zeros((), device=h.device, dtype=acc)
         grad_h = torch.empty(x.shape, device=x.device, dtype=acc) if needs[0] else None

@@ -1,0 +1,136 @@
+"""Every speed optimization computes what the plain path computes (speed itself is measured in bench/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import get_preset
+from llm.losses import linear_cross_entropy
+from llm.model import GPT
+
+VOCAB = 101  # not a multiple of 64: the fused loss pads it to 128 for its matmuls
+
+
+def _head_inputs(n: int = 37, dim: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    h = torch.randn(n, dim, dtype=dtype, requires_grad=True)
+    w = (torch.randn(VOCAB, dim, dtype=dtype) * 0.5).requires_grad_()
+    y = torch.randint(0, VOCAB, (n,))
+    y[::4] = -100
+    return h, w, y
+
+
+def _loss_and_grads(loss_fn, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    h.grad = w.grad = None
+    loss = loss_fn()
+    (3 * loss).backward()  # a non-unit upstream gradient must scale the stored gradients
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 8, 36])
+def test_fused_loss_equals_plain_cross_entropy_and_gradients(chunk_rows: int | None) -> None:
+    h, w, y = _head_inputs(dtype=torch.float64)
+    plain = _loss_and_grads(lambda: F.cross_entropy(h @ w.T, y, ignore_index=-100), h, w)
+    fused = _loss_and_grads(lambda: linear_cross_entropy(h, w, y, chunk_rows=chunk_rows), h, w)
+    for got, expected in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert fused[2].shape == (VOCAB, 16)  # the padding never reaches the weight's gradient
+
+
+def test_fused_loss_under_bf16_autocast_matches_plain_autocast_path() -> None:
+    h, w, y = _head_inputs(n=64, dim=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _loss_and_grads(lambda: F.cross_entropy((h @ w.T).float(), y), h, w)
+        fused = _loss_and_grads(lambda: linear_cross_entropy(h, w, y, chunk_rows=16), h, w)
+    assert fused[0].dtype == torch.float32 and fused[1].dtype == h.dtype and fused[2].dtype == w.dtype
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)  # same bf16 logits, fp32 softmax
+    for got, expected in zip(fused[1:], plain[1:], strict=True):  # bf16 matmuls: ~3 significant digits
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3 * expected.abs().max().item())
+    fp32 = _loss_and_grads(lambda: linear_cross_entropy(h, w, y), h, w)
+    torch.testing.assert_close(fused[0], fp32[0], rtol=2e-2, atol=0)
+
+
+def test_fused_loss_without_gradients_and_extreme_logits() -> None:
+    h, w, y = _head_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk_rows=5), F.cross_entropy(h @ w.T, y))
+    big = torch.zeros(2, 2)
+    big[:, 0] = 30.0  # logits 0 vs 30 * 2: the target's probability is exp(-60), still exact
+    loss = linear_cross_entropy(big, torch.eye(2) * 2, torch.tensor([1, 1]))
+    torch.testing.assert_close(loss, F.cross_entropy(big @ (torch.eye(2) * 2), torch.tensor([1, 1])))
+    assert torch.isnan(linear_cross_entropy(h, w, torch.full_like(y, -100)))  # like F.cross_entropy: 0 / 0
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(get_preset("cpu-tiny", vocab_size=VOCAB, context_length=32))
+
+
+def _model_loss_and_grads(model: GPT, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    x, y = torch.randint(0, VOCAB, (2, 24)), torch.randint(0, VOCAB, (2, 24))
+    y[0, :5] = -100
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y) if fused else F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_model_training_loss_uses_the_fused_head_with_plain_results(tiny: GPT) -> None:
+    loss, grads = _model_loss_and_grads(tiny, fused=True)
+    plain_loss, plain_grads = _model_loss_and_grads(tiny, fused=False)
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert tiny(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, VOCAB)  # logits: the real vocabulary only
+
+
+def test_swapped_head_falls_back_to_the_plain_loss() -> None:
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny", vocab_size=VOCAB, context_length=32))
+    model.lm_head = nn.Linear(64, 5)  # e.g. a classifier head with a bias
+    x, y = torch.randint(0, VOCAB, (2, 8)), torch.randint(0, 5, (2, 8))
+    torch.testing.assert_close(model(x, y), F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+
+
+def test_bf16_autocast_training_loss_is_close_to_fp32(tiny: GPT) -> None:
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16 = tiny(x, x)
+    torch.testing.assert_close(loss_bf16, tiny(x, x), rtol=1e-2, atol=0)
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every tensor -> Python conversion (a device sync on GPUs) raise."""
+
+    def sync(*_: object) -> None:
+        raise AssertionError("host sync")
+
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, method, sync)
+
+
+def test_training_step_and_cached_decoding_never_sync_with_the_host(tiny: GPT, no_host_sync: None) -> None:
+    x = torch.randint(0, VOCAB, (2, 16))
+    tiny(x, x).backward()
+    cache = tiny.new_cache(2)
+    tiny(x, cache=cache)
+    for _ in range(3):
+        tiny(x[:, :1], cache=cache)
+    with pytest.raises(AssertionError, match="host sync"):
+        bool(x.sum())  # the guard works
+
+
+def test_compiled_model_matches_eager_loss_and_gradients(tiny: GPT) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny, backend="aot_eager", fullgraph=True)  # one graph: no breaks in forward
+    loss, grads = _model_loss_and_grads(compiled, fused=True)  # type: ignore[arg-type]
+    eager_loss, eager_grads = _model_loss_and_grads(tiny, fused=True)
+    torch.testing.assert_close(loss, eager_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name.removeprefix("_orig_mod.")], msg=name)
