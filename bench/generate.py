@@ -13,6 +13,13 @@ A contender is `<name>@<allocator>`: names ours, ours-nocache, hf, book; allocat
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/tokenize.py is named like the standard library's `tokenize`: look in this folder after the stdlib.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 import argparse
 import os
 import time

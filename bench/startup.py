@@ -9,12 +9,17 @@ run `dvc repro` once first. Each measurement is a fresh process; medians with mi
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/tokenize.py is named like the standard library's `tokenize`: look in this folder after the stdlib.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 import argparse
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import harness

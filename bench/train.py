@@ -18,6 +18,13 @@ a library path (see bench/harness.py).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/tokenize.py is named like the standard library's `tokenize`: look in this folder after the stdlib.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
 import argparse
 import os
 import time
@@ -47,10 +54,15 @@ class Trainer:
 
     def __init__(self, name: str, config: GPTConfig, batch: int, seq_len: int, device: str, seed: int) -> None:
         torch.manual_seed(seed)
-        self.device = device
+        self.device = torch.device(device)
         model, self.loss_fn = _build(name.removesuffix("+compile"), config)
-        self.model = model.to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
+        self.model = model.to(self.device).train()
+        if name.startswith("ours"):  # through the project's training code: its optimizer set-up
+            from llm.training import TrainConfig, make_optimizer
+
+            self.optimizer = make_optimizer(self.model, TrainConfig(lr=4e-4, weight_decay=0.1))
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=4e-4, weight_decay=0.1, fused=True)
         if name.endswith("+compile"):
             self.loss_fn = torch.compile(self.loss_fn)
         self.batches = [torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device) for _ in range(4)]
@@ -58,11 +70,11 @@ class Trainer:
 
     def run(self, steps: int, precision: str) -> dict[str, float]:
         """Time `steps` training steps; the loss is read once at the end (no host sync inside the loop)."""
-        harness.synchronize(self.device)
+        harness.synchronize(self.device.type)
         start = time.perf_counter()
         for _ in range(steps):
             tokens = self.batches[self.steps % len(self.batches)]
-            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = self.loss_fn(self.model, tokens[:, :-1], tokens[:, 1:])
             loss.backward()
             self.optimizer.step()
@@ -76,8 +88,9 @@ def _build(name: str, config: GPTConfig) -> tuple[torch.nn.Module, Any]:
     """(model, loss(model, inputs, targets)) for contender `name`, all of shape `config` without dropout."""
     if name == "ours":
         from llm.model import GPT
+        from llm.training import lm_loss
 
-        return GPT(config.replace(dropout=0.0)), lambda m, x, y: m(x, y)
+        return GPT(config.replace(dropout=0.0)), lambda m, x, y: lm_loss(m, (x, y))
     if name == "book":
         import book_gpt
 
