@@ -79,7 +79,9 @@ def perplexity(model: GPT, tokens: torch.Tensor, *, batch_size: int = 8, progres
     n, width = tokens.numel(), min(T, tokens.numel() - 1)
     starts = range(0, n - 1, T)
     total = 0.0
-    for i in tqdm(range(0, len(starts), batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for i in tqdm(
+        range(0, len(starts), batch_size), desc="perplexity", unit="batch", disable=None if progress else True
+    ):
         group = starts[i : i + batch_size]
         inputs = torch.zeros(len(group), width, dtype=torch.long)
         targets = torch.full((len(group), width), -100, dtype=torch.long)  # the short tail window is padded
@@ -210,7 +212,7 @@ def judge(
         raise LLMError(f"judge: {len(entries)} entries but {len(responses)} responses")
     result = JudgeResult()
     for entry, response in tqdm(
-        zip(entries, responses, strict=True), total=len(entries), desc="judge", disable=not progress
+        zip(entries, responses, strict=True), total=len(entries), desc="judge", disable=None if progress else True
     ):
         try:
             reply = chat(config, judge_prompt(entry, response))

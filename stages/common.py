@@ -24,7 +24,9 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise LLMError(f"{path} not found: run stages from the repository root") from err
     except yaml.YAMLError as err:
-        raise LLMError(f"{path} is not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LLMError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
     if not isinstance(data, dict):
         raise LLMError(f"{path} must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -164,7 +164,9 @@ def respond(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     config = dataclasses.replace(config, eos_id=EOT_ID)
     responses = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="responses", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="responses", unit="batch", disable=None if progress else True
+    ):
         rows = order[start : start + batch_size]
         for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], config), strict=True):
             responses[i] = tokenizer.decode(ids).split("###")[0].strip()

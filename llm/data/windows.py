@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -210,7 +211,7 @@ def write_splits(
             for group in tqdm(
                 range(parquet.num_row_groups), desc="sample", unit="group", disable=None if progress else True
             ):
-                column = parquet.read_row_group(group, columns=["tokens"]).column(0).combine_chunks()
+                column = _read_tokens(parquet, group, corpus)
                 values, offsets = column.values.to_numpy(), column.offsets.to_numpy()
                 for doc in range(len(column)):
                     start = offsets[doc]
@@ -228,10 +229,21 @@ def write_splits(
     return meta
 
 
+def _read_tokens(parquet: pq.ParquetFile, group: int, path: str | Path) -> pa.ListArray:
+    """The `tokens` column of row group `group`; a damaged page is an LLMError naming the file."""
+    try:
+        return parquet.read_row_group(group, columns=["tokens"]).column(0).combine_chunks()
+    except (pa.ArrowException, OSError) as err:
+        raise LLMError(f"{path}: row group {group} is corrupt ({err}); re-run it: dvc repro tokenize") from err
+
+
 def _open_corpus(path: str | Path) -> pq.ParquetFile:
     if not Path(path).is_file():
         raise LLMError(f"corpus file not found: {path} (run the tokenize stage: dvc repro tokenize)")
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise LLMError(f"{path} is corrupt or truncated ({err}); re-run it: dvc repro tokenize") from err
     names = set(parquet.schema_arrow.names)
     if not {"n_tokens", "tokens"} <= names:
         raise LLMError(f"{path} is not a tokenized corpus: it lacks n_tokens/tokens columns (has {sorted(names)})")
