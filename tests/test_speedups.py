@@ -134,3 +134,15 @@ def test_compiled_model_matches_eager_loss_and_gradients(tiny: GPT) -> None:
     torch.testing.assert_close(loss, eager_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name.removeprefix("_orig_mod.")], msg=name)
+
+
+def test_decoding_head_uses_a_transposed_copy_that_follows_weight_updates() -> None:
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny", vocab_size=VOCAB, context_length=32))
+    head, h = model.lm_head, torch.randn(2, 1, 64)
+    with torch.no_grad():
+        first = head(h)
+        torch.testing.assert_close(first, F.linear(h, head.weight))
+        model.tok_emb.weight.mul_(2)  # tied: an in-place update, like an optimizer step
+        torch.testing.assert_close(head(h), 2 * first)
+    assert head(h).requires_grad and head._decode_weight is None  # training uses (and keeps) only the weight
