@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -34,9 +35,10 @@ from llm.data.corpus import tokenize_corpus
 from llm.data.instructions import load_instructions, split_entries
 from llm.data.windows import write_splits
 from llm.errors import LLMError
+from llm.hf import export_hf
 from llm.io import write_json
 from llm.model import GPT
-from llm.tokenizer import get_tokenizer
+from llm.tokenizer import RANKS_SHA256, RANKS_URL, get_tokenizer
 from llm.training import TrainConfig, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +160,21 @@ def damage_middle(ws: Path, rel: str) -> None:
 def mirror_file(ws: Path, rel: str, data: bytes) -> None:
     """Put `data` at `rel` in the workspace's data mirror (the fetch stage's LLM_DATA_MIRROR)."""
     write(ws.parent, f"mirror/{rel}", data)
+
+
+class Payload:
+    """Unpickling this runs `touch PWNED` in the working directory: proof that a file was unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.system, ("touch PWNED",)
+
+
+def pickled_hf_model(ws: Path) -> None:
+    """An HF GPT-2 directory whose weights are a malicious pickle (pytorch_model.bin) instead of safetensors."""
+    torch.manual_seed(0)
+    export_hf(GPT(TINY), ws / "hf")
+    (ws / "hf" / WEIGHTS_FILE).unlink()
+    write(ws, "hf/pytorch_model.bin", pickle.dumps(Payload(), protocol=2))
 
 
 def save_tiny(directory: Path, **changes: Any) -> None:
@@ -383,6 +400,12 @@ CASES: dict[str, Case] = {
     # -- params.yaml itself --
     "params.yaml not YAML": Case("sample", lambda ws: write(ws, "params.yaml", "sample: [1, 2\n"),
         r"params\.yaml is not valid YAML"),
+    "params.yaml with a Python object tag": Case("sample",
+        lambda ws: write(ws, "params.yaml", "sample: !!python/object/apply:os.system ['touch PWNED']\n"),
+        r"params\.yaml is not valid YAML at line 1, column 9: could not determine a constructor for the tag "
+        r"'tag:yaml\.org,2002:python/object/apply:os\.system'"),
+    "pickled weights instead of safetensors": Case(("generate", "--model", "hf", "--prompt", "Hi"), pickled_hf_model,
+        r"hf has no model\.safetensors \(only safetensors weights are read, never pickles\)"),
     "params.yaml section missing": Case("evaluate", lambda ws: write(ws, "params.yaml", "sample: {}\n"),
         r"params\.yaml: section 'evaluate' is missing"),
 }  # fmt: skip
@@ -462,3 +485,44 @@ def test_value_errors_name_the_params_section() -> None:
     """A bad value is reported with its params.yaml path, like unknown keys and wrong types are."""
     with pytest.raises(LLMError, match=r"^params\.yaml:finetune_classifier\.train: .*batch_size"):
         from_mapping(TrainConfig, {"batch_size": 0}, where="params.yaml:finetune_classifier.train")
+
+
+def test_a_pickle_posing_as_a_training_checkpoint_is_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state.pt is read with torch.load(weights_only=True): a malicious pickle is refused, its code never runs."""
+    monkeypatch.chdir(tmp_path)
+    state = {"step": 1, "world_size": 1, "config": {}, "train": {}, "optimizer": {}, "scaler": {}}
+    path = save_checkpoint(tmp_path / "checkpoints", GPT(TINY), state, best={})
+    (path / "state.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
+    assert load_checkpoint(tmp_path / "checkpoints", GPT(TINY)) is None  # skipped with a warning
+    assert not (tmp_path / "PWNED").exists()
+
+
+UNSAFE = {
+    "torch.load without weights_only=True": r"torch\.load\((?![^)]*weights_only=True)",
+    "unpickling": r"\b(pickle|marshal|dill|joblib)\.loads?\(",
+    "eval/exec": r"(?<![.\w])(eval|exec)\(",
+    "a shell": r"shell=True|os\.system\(|os\.popen\(",
+    "unsafe YAML": r"yaml\.(unsafe_)?load\(|yaml\.Loader\b|FullLoader",
+    "remote code": r"trust_remote_code",
+    "archive extraction": r"extractall\(",
+}
+
+
+@pytest.mark.parametrize("what", UNSAFE)
+def test_the_code_has_no_unsafe_calls(what: str) -> None:
+    """The static part of the security review (SECURITY.md): none of these appear in the library or the stages."""
+    files = [*ROOT.glob("llm/**/*.py"), *ROOT.glob("stages/*.py")]
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(UNSAFE[what], line)]  # fmt: skip
+    assert len(files) > 20 and hits == []
+
+
+def test_every_configured_download_is_https_and_sha256_pinned() -> None:
+    """Each source of params.yaml (and the tokenizer ranks) is fetched over HTTPS and verified by sha256."""
+    sources = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["data"]["sources"]
+    assert sources and all(
+        s["url"].startswith("https://") and re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) for s in sources
+    )
+    assert RANKS_URL.startswith("https://") and re.fullmatch(r"[0-9a-f]{64}", RANKS_SHA256)
