@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -17,10 +18,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
     On any exception the temporary file is removed and `path` is left as it was, so readers never
-    see a half-written file. Parent directories are created.
+    see a half-written file. Parent directories are created. Temporary files of `path` left by a killed
+    writer (SIGKILL runs no cleanup) are removed first: there is one writer per path.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.{'?' * 8}.tmp"):  # mkstemp: 8 random chars
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

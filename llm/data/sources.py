@@ -103,6 +103,8 @@ def fetch_all(sources: Sequence[Source], raw_dir: str | Path, mirror: Path | Non
         if dupes:
             raise LLMError(f"data sources: duplicate {attr} {dupes[0]!r}")
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in raw_dir.parent.glob(".fetch-*"):  # staging left by a killed fetch (SIGKILL runs no cleanup)
+        shutil.rmtree(stale, ignore_errors=True)
     counts = {"mirror": 0, "download": 0}
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=raw_dir.parent) as staging:
         for source in tqdm(sources, desc="fetch", unit="file", disable=None):

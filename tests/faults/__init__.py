@@ -1,0 +1,1 @@
+"""Fault-injection tests: stages interrupted by signals under DVC (see conftest.py)."""
