@@ -30,7 +30,7 @@ import torch
 
 from llm.config import GPTConfig, get_preset
 
-NAMES = ("ours", "ours-nocache", "hf", "book")
+NAMES = ("ours", "ours-nocache", "ours-plainhead", "hf", "book")  # ours-plainhead: ablation without VocabHead's copy
 DEFAULT_CONTENDERS = "ours@best,ours-nocache@best,hf@system,hf@best"
 PROMPT = "Hello, I am"
 
@@ -40,12 +40,15 @@ PROMPT = "Hello, I am"
 
 def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
     """A function (prompt ids, new tokens) -> generated ids for contender `name`."""
-    if name in ("ours", "ours-nocache"):
+    if name.startswith("ours"):
+        import llm.model
         from llm.generate import generate
-        from llm.model import GPT
 
-        model = GPT(config).to(dtype).eval()
-        return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, use_cache=name == "ours")[0]
+        if name == "ours-plainhead":
+            llm.model.DECODE_ROWS = 0
+        model = llm.model.GPT(config).to(dtype).eval()
+        cache = name != "ours-nocache"
+        return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, use_cache=cache)[0]
     if name == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import llm.model
 from llm.config import get_preset
 from llm.losses import linear_cross_entropy
 from llm.model import GPT
@@ -146,3 +147,22 @@ def test_decoding_head_uses_a_transposed_copy_that_follows_weight_updates() -> N
         model.tok_emb.weight.mul_(2)  # tied: an in-place update, like an optimizer step
         torch.testing.assert_close(head(h), 2 * first)
     assert head(h).requires_grad and head._decode_weight is None  # training uses (and keeps) only the weight
+
+
+def test_bf16_attention_by_matmuls_matches_the_fused_kernel(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bf16_loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _model_loss_and_grads(tiny, fused=True)
+
+    calls: list[int] = []
+    original = llm.model._causal_attention_by_matmuls
+    monkeypatch.setattr(llm.model, "_causal_attention_by_matmuls", lambda *a: calls.append(1) or original(*a))
+    loss, grads = bf16_loss_and_grads()
+    assert len(calls) == tiny.config.n_layers
+    monkeypatch.setattr(llm.model, "MATMUL_ATTENTION_SCORES", 0)  # too many scores: the SDPA kernel
+    sdpa_loss, sdpa_grads = bf16_loss_and_grads()
+    assert len(calls) == tiny.config.n_layers
+    torch.testing.assert_close(loss, sdpa_loss, rtol=5e-3, atol=0)
+    for name, grad in grads.items():
+        scale = sdpa_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, sdpa_grads[name], rtol=0, atol=0.05 * scale, msg=name)
