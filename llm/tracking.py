@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,8 +117,6 @@ class Tracker:
                 self._start()
             except Exception as err:
                 self._disable(err)
-        run = {"run_id": self.run_id, "tracking_uri": self.uri, "experiment_id": self.experiment_id}
-        write_json(self.run_file, run if self.run_id else {"run_id": None, "tracking_uri": None})
         self.log_params(
             {f"upstream.{name}.run_id": run_id for name in upstream if (run_id := _run_id(self.root, name))}
         )
@@ -140,7 +139,7 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float | int], step: int | None = None) -> None:
         """Record metrics; with a `step` they are also a per-step series (plots, MLflow history).
 
-        Values are sent to MLflow in batches and the DVC files written on `flush` (also called by `close`).
+        Values go to MLflow in batches; the DVC files are written when the run closes FINISHED.
         """
         if self._client is not None:
             from mlflow.entities import Metric
@@ -166,23 +165,15 @@ class Tracker:
         """A local file or directory as an artifact (MLflow only)."""
         self._mlflow(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
-    def flush(self) -> None:
-        """Write metrics/<stage>.json and plots/<stage>/*.csv atomically; send buffered metrics to MLflow."""
-        self._send_metrics()
-        write_json(self.metrics_file, {k: _json_number(v) for k, v in self.latest.items()})
-        for key, points in self.series.items():
-            with atomic_path(self.plots_dir / f"{key}.csv") as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["step", key])
-                writer.writerows(sorted(points.items()))
-
     def close(self, status: str = "FINISHED") -> None:
         """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED)."""
         if self.status is not None:
             return
         self.status = status
         try:
-            self.flush()
+            self._send_metrics()
+            if status == "FINISHED":
+                self._write_dvc_files()
             if self._client is not None and any(key.endswith("loss") for key in self.series):
                 self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
         finally:
@@ -225,6 +216,18 @@ class Tracker:
         run = client.create_run(experiment.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment.experiment_id
 
+    def _write_dvc_files(self) -> None:
+        """metrics/<stage>.json, plots/<stage>/<metric>.csv and runs/<stage>.json, each written atomically."""
+        write_json(self.metrics_file, {k: _json_number(v) for k, v in self.latest.items()})
+        for key, points in self.series.items():
+            with atomic_path(self.plots_dir / f"{key}.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", key])
+                writer.writerows(sorted(points.items()))
+        uri = _redact(self.uri)
+        run = {"run_id": self.run_id, "tracking_uri": uri, "experiment_id": self.experiment_id}
+        write_json(self.run_file, run if self.run_id else {"run_id": None, "tracking_uri": None})
+
     def _send_metrics(self) -> None:
         pending, self._pending = self._pending, []
         for i in range(0, len(pending), _BATCH):
@@ -241,8 +244,8 @@ class Tracker:
 
     def _disable(self, err: Exception) -> None:
         print(
-            f"warning: MLflow at {self.uri} failed ({type(err).__name__}: {str(err)[:300]}); continuing "
-            f"without it: metrics go to {self.metrics_file} and {self.plots_dir}/ only",
+            f"warning: MLflow at {_redact(self.uri)} failed ({type(err).__name__}: {_redact(str(err))[:300]}); "
+            f"continuing without it: metrics go to {self.metrics_file} and {self.plots_dir}/ only",
             file=sys.stderr,
         )
         self._client, self._pending = None, []
@@ -294,6 +297,11 @@ def _tags(tags: Mapping[str, Any]) -> list[Any]:
     from mlflow.entities import RunTag
 
     return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def _redact(text: str) -> str:
+    """`text` with the user:password@ part of every URL removed, so no secret lands in a committed file or a log."""
+    return re.sub(r"(?<=//)[^/@\s]+@", "", text)
 
 
 def _json_number(value: float | int) -> float | int | None:

@@ -62,7 +62,7 @@ class TrainConfig:
     warmup_steps: linear warmup from lr/warmup_steps to lr, then cosine decay to min_lr at max_steps.
     weight_decay: applied to weights of 2+ dimensions only (not to biases, LayerNorm, or 1-D params).
     grad_clip: maximum global gradient norm (0 = no clipping; the norm is logged either way).
-    eval_every, sample_every, checkpoint_every: in steps (0 = only at the end; samples: never).
+    eval_every, sample_every, checkpoint_every: in steps (0 = only at the end).
     keep_checkpoints: how many of the latest checkpoints stay on disk.
     patience: stop after this many evaluations without a lower `best_metric` (0 = never stop early).
     restore_best: at the end, load the trainable weights of the evaluation with the lowest best_metric.
@@ -100,6 +100,8 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "patience"):
             if getattr(self, name) < 0:
                 raise LLMError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LLMError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise LLMError(f"TrainConfig needs 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

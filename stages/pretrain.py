@@ -74,10 +74,11 @@ class PretrainParams(TrainConfig):
 def build_model(params: ModelParams, context_length: int) -> GPT:
     """A fresh GPT (init scratch) or the named/local pretrained one, checked to fit `context_length`."""
     if params.init == "scratch":
-        return GPT(get_preset(params.preset, **{"context_length": context_length, **params.overrides}))
-    if params.overrides:
+        model = GPT(get_preset(params.preset, **{"context_length": context_length, **params.overrides}))
+    elif params.overrides:
         raise LLMError(f"model.overrides apply to init: scratch only; {params.init!r} keeps its own architecture")
-    model = load_any(params.init)
+    else:
+        model = load_any(params.init)
     if model.config.context_length < context_length:
         raise LLMError(
             f"model {params.init!r} has context_length {model.config.context_length}, shorter than the windows' "

@@ -114,9 +114,11 @@ def test_run_has_params_metrics_tags_artifacts_and_dvc_files(store: str, tmp_pat
     [(RuntimeError("boom"), "FAILED"), (LLMError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
 )
 def test_runs_never_stay_running(store: str, tmp_path: Path, error: BaseException, status: str) -> None:
-    with pytest.raises(type(error)), Tracker("pretrain", root=tmp_path):
+    with pytest.raises(type(error)), Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 1)
         raise error
     assert list(runs(store)["status"]) == [status]
+    assert not any(tmp_path.glob("*/*pretrain*"))  # a failed run leaves the last good run's DVC files alone
 
 
 def test_sigterm_ends_the_run_killed(store: str, tmp_path: Path) -> None:
@@ -141,13 +143,14 @@ def test_child_of_a_pipeline_parent_run(store: str, tmp_path: Path, monkeypatch:
 def test_mlflow_down_warns_once_and_keeps_dvc_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:s3cret@127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with Tracker("pretrain", root=tmp_path) as tracker:
         tracker.log_params({"lr": 1e-3})
         tracker.log_metrics({"loss": 2.0}, 1)
         tracker.log_text("hello", "samples/a.txt")
-    assert tracker.run_id is None and capsys.readouterr().err.count("warning: MLflow") == 1
+    err = capsys.readouterr().err
+    assert tracker.run_id is None and err.count("warning: MLflow at http://127.0.0.1:") == 1 and "s3cret" not in err
     assert json.loads((tmp_path / "metrics" / "pretrain.json").read_text()) == {"loss": 2.0}
     assert json.loads((tmp_path / "runs" / "pretrain.json").read_text()) == {"run_id": None, "tracking_uri": None}
 
