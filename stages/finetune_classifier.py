@@ -2,10 +2,11 @@
 
 Reads models/base/ and data/raw/sms_spam_collection.tsv; writes models/classifier/ (adapter + head +
 classifier.json; with `export_merged` also a self-contained models/classifier/merged/),
-metrics/finetune_classifier.json ({"train"|"val"|"test": accuracy, precision, recall, f1, roc_auc, n},
-"training": time, steps, parameter counts, skipped rows), plots/finetune_classifier/ (per-step curves and
-confusion.csv: actual/predicted of every test message), reports/finetune_classifier/ (misclassified test
-messages, confusion-matrix figure) and runs/finetune_classifier.json (the MLflow run).
+metrics/finetune_classifier.json ({"train"|"val"|"test": accuracy, precision, recall, f1, roc_auc, n,
+confusion}, "training": time, steps, parameter counts, skipped rows), plots/finetune_classifier/ (per-step
+curves), plots/finetune_classifier_confusion.csv (actual,predicted of every test message, for DVC's confusion
+template), reports/finetune_classifier/ (misclassified test messages, confusion-matrix figure) and
+runs/finetune_classifier.json (the MLflow run).
 
 Training runs in epochs over the balanced train split: evaluation (val loss and accuracy) after every epoch,
 the weights of the epoch with the lowest val loss kept, optional early stopping (`train.patience`).
@@ -60,7 +61,7 @@ OUT_DIR = Path("models/classifier")
 DATA_FILE = Path("data/raw/sms_spam_collection.tsv")
 RANKS_FILE = Path("data/raw/tokenizer/r50k_base.tiktoken")  # from the fetch stage; else the mirror's
 METRICS_FILE = Path("metrics") / f"{STAGE}.json"
-PLOTS_DIR = Path("plots") / STAGE
+CONFUSION_CSV = Path("plots") / f"{STAGE}_confusion.csv"  # beside plots/<stage>/, whose CSVs are step series
 REPORT_DIR = Path("reports") / STAGE
 CHECKPOINTS = Path("checkpoints") / STAGE
 DERIVED = ("max_steps", "eval_every", "checkpoint_every", "best_metric", "restore_best")  # set from `epochs`
@@ -210,10 +211,10 @@ def main() -> None:
 def write_test_reports(
     examples: list[Example], labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...], tracker: Tracker
 ) -> None:
-    """confusion.csv (actual,predicted per message, for DVC's confusion template), the misclassified messages
+    """The confusion CSV (actual,predicted per message, for DVC's confusion template), the misclassified messages
     and a confusion-matrix figure (also logged to MLflow)."""
     predicted = probs.argmax(axis=1)
-    with atomic_path(PLOTS_DIR / "confusion.csv") as tmp:
+    with atomic_path(CONFUSION_CSV) as tmp:
         tmp.write_text(
             "actual,predicted\n" + "".join(f"{names[a]},{names[p]}\n" for a, p in zip(labels, predicted, strict=True))
         )

@@ -19,7 +19,7 @@ from llm.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR, METRICS = Path("models/classifier"), Path("metrics/finetune_classifier.json")
-PLOTS, REPORTS = Path("plots/finetune_classifier"), Path("reports/finetune_classifier")
+REPORTS = Path("reports/finetune_classifier")
 
 SPAM = ["WINNER!! Claim your FREE prize now, call 09061701461", "URGENT! You have won a £1000 cash award, txt WIN"]
 HAM = ["ok see you at home later", "Sorry, I'll call you back in a bit"]
@@ -76,7 +76,7 @@ def test_stage_trains_saves_reports_and_classifies(workdir: Path, capsys: pytest
     assert metrics["test"]["accuracy"] >= 0.9 and metrics["test"]["roc_auc"] >= 0.9
     assert sum(map(sum, metrics["test"]["confusion"])) == 24
     assert metrics["training"]["method"] == "lora" and metrics["training"]["steps"] == 3 * 11
-    rows = (workdir / PLOTS / "confusion.csv").read_text().splitlines()
+    rows = (workdir / "plots/finetune_classifier_confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 25
     wrong = json.loads((workdir / REPORTS / "misclassified.json").read_text())
     assert len(wrong) == sum(r.split(",")[0] != r.split(",")[1] for r in rows[1:])
