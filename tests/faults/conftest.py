@@ -33,8 +33,21 @@ TEMPORARY = re.compile(r"^\..*\.tmp$|^\.fetch-|^\.step-")  # names of files bein
 # Values that legitimately differ between two runs of the same stage: wall time, throughput, MLflow run ids.
 VOLATILE = re.compile(r"seconds|per_s|mfu|run_id|wall|timestamp")
 SMALL_BOOK = "corpus/pg00902_the_happy_prince_and_other_tales.txt"
-# On top of params.yaml and the smoke profile: one small book, so the data stages take a second.
-TINY = {"sample": {"context_length": 64, "chunk_tokens": 2048}}
+# On top of params.yaml and the smoke profile: one small book and even smaller training stages, so that the whole
+# fault suite (every stage run about four times) stays within a few minutes of CPU.
+TINY: dict[str, Any] = {
+    "sample": {"context_length": 32, "chunk_tokens": 2048},
+    "model": {"overrides": {"emb_dim": 32, "n_heads": 2, "n_layers": 1}},
+    "pretrain": {"batch_size": 2, "eval_windows": 4, "sample_tokens": 4},
+    "finetune_classifier": {"classifier": {"max_length": 16}, "train": {"batch_size": 64}, "eval_batch_size": 256},
+    "finetune_instructions": {  # greedy: a partial `generation` section would fall back to temperature 1, unseeded
+        "batch_size": 2,
+        "eval_batch_size": 64,
+        "response_batch_size": 64,
+        "generation": {"temperature": 0},
+    },
+    "evaluate": {"heldout_max_tokens": 256, "batch_size": 16},
+}
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +141,13 @@ class Pipeline:
             if TEMPORARY.match(p.name)
         )
 
+    def forget(self, stage: str) -> None:
+        """Drop `stage` from dvc.lock, as if it had never run: its next `dvc repro --no-run-cache` really runs it
+        (a stage that ran before with the same inputs would just be restored from the DVC cache)."""
+        lock = yaml.safe_load((self.repo / "dvc.lock").read_text(encoding="utf-8"))
+        del lock["stages"][stage]
+        (self.repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
+
     def status(self, *targets: str) -> dict[str, Any]:
         return json.loads(self.dvc("status", "--json", *targets).stdout or "{}")
 
@@ -216,12 +236,12 @@ def make_repo(repo: Path, env: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Iterator[Pipeline]:
-    """The tiny pipeline after one uninterrupted `dvc repro`, stage by stage (MLflow on, so the store exists)."""
+    """The tiny pipeline after one uninterrupted `dvc repro`, stage by stage."""
     tmp = tmp_path_factory.mktemp("faults")
     env = fault_env(tmp, mirror, tmp / "repo")
     pipe = Pipeline(tmp / "repo", env, make_repo(tmp / "repo", env))
     for stage in pipe.stages:
-        run = pipe.interrupt(stage, None, 0.0, env={**env, "LLM_MLFLOW": "on"})
+        run = pipe.interrupt(stage, None, 0.0)
         assert run.returncode == 0 and run.ran() == [stage], run.stdout + run.stderr
         pipe.durations[stage] = run.seconds
     pipe.reference = pipe.outputs()

@@ -1,10 +1,11 @@
-"""Every stage of dvc.yaml, interrupted at random points by SIGKILL and by SIGTERM, then `dvc repro` again.
+"""Every stage of dvc.yaml, interrupted at random points by SIGKILL (twice) and SIGTERM, then `dvc repro` again.
 
-After each interruption: no output under data/, models/, metrics/, reports/ or plots/ is half-written (every file
-there equals the one of the uninterrupted run, compared bitwise except wall times, throughput and run ids), so
-`dvc status` cannot call an incomplete output complete; after SIGTERM no MLflow run is left RUNNING. Then a plain
-`dvc repro` completes, reruns only that stage, leaves no temporary files, and reproduces the uninterrupted
-run's outputs.
+Each interruption hits a fresh or a resumed run of the stage (the previous one was interrupted too). After each:
+no output under data/, models/, metrics/, reports/ or plots/ is half-written (every file there equals the one
+of the uninterrupted run, compared bitwise except wall times, throughput and run ids), so `dvc status` cannot
+call an incomplete output complete; a SIGTERM stops the stage cleanly (no traceback) and leaves no MLflow run
+RUNNING. Finally a plain `dvc repro` completes, reruns only that stage, leaves no temporary files, and
+reproduces the uninterrupted run's outputs.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from faults.conftest import ROOT, VOLATILE, Pipeline, Run, signal_name
+from faults.conftest import ROOT, VOLATILE, Pipeline, Run
 
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-SEEDS = {signal.SIGKILL: (1, 2), signal.SIGTERM: (1,)}
+SIGNALS = (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM)  # in this order, each with its own random delay
 
 
 def comparable(path: str, data: bytes) -> Any:
@@ -43,9 +44,24 @@ def _stable(value: Any) -> Any:
 
 
 def differences(outputs: dict[str, bytes], reference: dict[str, bytes]) -> list[str]:
-    """Output files that are missing, unexpected, or differ (comparably) from the reference."""
+    """Output files that differ (comparably) from the reference, or that it does not have."""
     changed = [p for p in outputs.keys() & reference.keys() if comparable(p, outputs[p]) != comparable(p, reference[p])]
     return sorted(changed) + [f"unexpected {p}" for p in sorted(outputs.keys() - reference.keys())]
+
+
+def interrupt(pipeline: Pipeline, stage: str, signum: int, seed: int) -> Run:
+    """Run `stage` and send `signum` at a seeded random point of its uninterrupted duration (sooner if it ends
+    before that: a resumed run is shorter). MLflow is on under SIGTERM: the run must end KILLED or FAILED."""
+    delay = random.Random(f"{stage}/{seed}").uniform(0.05, 0.9) * pipeline.durations[stage]
+    env = {**pipeline.env, "LLM_MLFLOW": "on" if signum == signal.SIGTERM else "off"}
+    for _ in range(4):
+        since = int(time.time() * 1000)
+        run = pipeline.interrupt(stage, signum, delay, env)
+        check_interrupted(pipeline, stage, run, since)
+        if run.signalled:
+            return run
+        delay /= 3
+    raise AssertionError(f"{stage} always finished before the signal")
 
 
 def check_interrupted(pipeline: Pipeline, stage: str, run: Run, since_ms: int) -> None:
@@ -53,34 +69,24 @@ def check_interrupted(pipeline: Pipeline, stage: str, run: Run, since_ms: int) -
     if run.signalled:
         assert run.returncode != 0, f"dvc reported success after the stage was killed:\n{run.stdout}"
     outputs = pipeline.outputs()
-    assert differences(outputs, pipeline.reference) == [], f"incomplete outputs visible after {stage} was interrupted"
+    wrong = differences(outputs, pipeline.reference)
+    assert wrong == [], f"incomplete outputs visible after {stage} was interrupted: {wrong}\n{run.stderr[-2000:]}"
     if pipeline.status(stage) == {}:  # DVC says the stage is complete: then its outputs must all be there
         assert outputs.keys() == pipeline.reference.keys()
-    stuck = [
-        (name, status) for name, status, start in pipeline.mlflow_runs() if start >= since_ms and status == "RUNNING"
-    ]
-    assert stuck == [], f"MLflow runs left RUNNING: {stuck}"
+    runs = pipeline.mlflow_runs()
+    assert [(name, status) for name, status, start in runs if start >= since_ms and status == "RUNNING"] == []
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", list(SEEDS), ids=signal_name)
 @pytest.mark.parametrize("stage", STAGES)
-def test_interrupted_stage_reruns_to_the_same_outputs(pipeline: Pipeline, stage: str, signum: int) -> None:
-    mlflow = "on" if signum == signal.SIGTERM else "off"  # a SIGKILLed process cannot end its run
-    for seed in SEEDS[signum]:
-        delay = random.Random(f"{stage}/{signum}/{seed}").uniform(0.05, 0.9) * pipeline.durations[stage]
-        for _ in range(4):  # the stage may run faster than it did uninterrupted: then signal it sooner
-            since = int(time.time() * 1000)
-            run = pipeline.interrupt(stage, signum, delay, env={**pipeline.env, "LLM_MLFLOW": mlflow})
-            check_interrupted(pipeline, stage, run, since)
-            if run.signalled:
-                break
-            delay /= 3
-        assert run.signalled, f"{stage} always finished before the signal"
+def test_interrupted_stage_reruns_to_the_same_outputs(pipeline: Pipeline, stage: str) -> None:
+    pipeline.forget(stage)  # the interrupted runs are its first: rerunning resumes, nothing is restored from cache
+    for seed, signum in enumerate(SIGNALS):
+        run = interrupt(pipeline, stage, signum, seed)
         if signum == signal.SIGTERM:
             assert "Traceback" not in run.stderr, run.stderr  # a clean stop
-        again = pipeline.dvc("repro", "--no-run-cache")  # really rerun (resume), don't restore the reference
-        assert set(again.ran()) <= {stage}, again.stdout
-        assert pipeline.leftovers() == [], f"temporary files left after {stage} was interrupted and rerun"
-        assert differences(pipeline.outputs(), pipeline.reference) == []
-        assert pipeline.status() == {}
+    again = pipeline.dvc("repro", "--no-run-cache")
+    assert stage in again.ran() and set(again.ran()) <= set(STAGES[STAGES.index(stage) :]), again.stdout
+    assert pipeline.leftovers() == [], f"temporary files left after {stage} was interrupted and rerun"
+    wrong = differences(pipeline.outputs(), pipeline.reference)
+    assert wrong == [], f"outputs differ from the uninterrupted run's after {stage} was rerun: {wrong}"
