@@ -114,7 +114,7 @@ def main() -> None:
             write_json(
                 JUDGE_REPLIES, [{"score": s, "reply": r} for s, r in zip(verdict.scores, verdict.replies, strict=True)]
             )
-        tracker.log_metrics(flatten(board))
+        tracker.log_metrics({k: v for k, v in flatten(board).items() if v is not None})
         _write_rouge_plot(rouge)
         _write_report(board, test, responses, base_responses, rouge, verdict, config, held.n_tokens)
         tracker.log_artifact(REPORT, "reports")

@@ -1,0 +1,141 @@
+"""The whole pipeline end to end: `llm pipeline repro` runs every stage of dvc.yaml under the smoke profile
+(params-smoke.yaml merged over params.yaml) in a temporary git copy of the repository, then every declared out,
+metric and plot must exist, DVC must report the pipeline up to date, and MLflow must hold one finished run per
+tracked stage, each a child of the pipeline's parent run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in, recursively for nested mappings (lists and scalars replace)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def smoke_params() -> dict[str, Any]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    return merge(params, yaml.safe_load((ROOT / "params-smoke.yaml").read_text(encoding="utf-8")))
+
+
+def declared_files(pipeline: dict[str, Any]) -> list[str]:
+    """Every path dvc.yaml declares as a stage out, metric or plot, and every file its top-level plots read."""
+    paths = []
+    for stage in pipeline["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(kind, [])]
+    for entry in pipeline.get("plots", []):
+        name, spec = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        y = (spec or {}).get("y")
+        paths += list(y) if isinstance(y, dict) else [name]
+    return sorted(set(paths))
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (
+        f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> tuple[Path, dict[str, str]]:
+    """A temporary git copy of the working tree after `llm pipeline repro` with the smoke profile."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    repo = tmp / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file() and name != "dvc.lock":  # no lock: every stage runs
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LLM_MLFLOW", "DVC_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(repo),
+        LLM_DATA_MIRROR=str(mirror),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
+        GIT_AUTHOR_NAME="Test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="Test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    sh("git", "init", "-q", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-q", "-m", "smoke", cwd=repo, env=env)
+    sh(sys.executable, "-m", "llm.cli", "pipeline", "repro", cwd=repo, env=env)
+    return repo, env
+
+
+@pytest.mark.slow
+def test_every_declared_output_exists_and_dvc_is_up_to_date(pipeline_run: tuple[Path, dict[str, str]]) -> None:
+    repo, env = pipeline_run
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    assert {"pretrain", "finetune_classifier", "finetune_instructions", "evaluate"} <= set(pipeline["stages"])
+    missing = [p for p in declared_files(pipeline) if not (repo / p).exists()]
+    empty = [p for p in declared_files(pipeline) if (repo / p).is_dir() and not any((repo / p).iterdir())]
+    assert not missing and not empty, f"missing {missing}, empty {empty}"
+    status = sh(str(BIN / "dvc"), "status", cwd=repo, env=env).stdout
+    assert "up to date" in status, status
+    shown = json.loads(sh(str(BIN / "dvc"), "metrics", "show", "--json", cwd=repo, env=env).stdout)
+    assert "metrics/evaluate.json" in json.dumps(shown)
+
+
+@pytest.mark.slow
+def test_scoreboard_responses_and_report(pipeline_run: tuple[Path, dict[str, str]]) -> None:
+    repo, env = pipeline_run
+    board = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert board["base"]["heldout_perplexity"] > 1 and board["instruct"]["val_loss"] > 0
+    assert 0 <= board["base"]["rouge_l"] <= 1 and 0 <= board["instruct"]["rouge_l"] <= 1
+    assert 0 <= board["classifier"]["accuracy"] <= 1
+    rows = json.loads((repo / "reports/responses.json").read_text())
+    assert len(rows) == 110 and all(set(r) == {"instruction", "input", "reference", "response"} for r in rows)
+    report = (repo / "reports/evaluation.md").read_text()
+    assert "ROUGE-L" in report and "figures/rouge_l.png" in report and (repo / "reports/figures/rouge_l.png").is_file()
+    answer = sh(
+        sys.executable, "-m", "llm.cli", "instruct", "--max-new-tokens", "5", "Name a colour.", cwd=repo, env=env
+    )
+    assert answer.returncode == 0
+
+
+@pytest.mark.slow
+def test_one_mlflow_run_per_stage_under_the_parent(pipeline_run: tuple[Path, dict[str, str]]) -> None:
+    import mlflow
+
+    repo, env = pipeline_run
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    frame = mlflow.search_runs(search_all_experiments=True)
+    (parent,) = frame.loc[frame["tags.llm.pipeline"] == "repro", "run_id"]
+    assert set(frame["status"]) == {"FINISHED"}
+    tracked = sorted(p.stem for p in (repo / "runs").glob("*.json"))
+    assert {"pretrain", "finetune_classifier", "finetune_instructions", "evaluate"} <= set(tracked)
+    for stage in tracked:
+        runs = frame[frame["tags.dvc.stage"] == stage]
+        assert len(runs) == 1, f"{stage}: {len(runs)} runs"
+        assert runs["run_id"].item() == json.loads((repo / "runs" / f"{stage}.json").read_text())["run_id"]
+        assert runs["tags.mlflow.parentRunId"].item() == parent
+    assert len(frame) == len(tracked) + 1
