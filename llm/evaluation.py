@@ -13,6 +13,7 @@ import math
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -184,6 +185,11 @@ def chat(config: JudgeConfig, prompt: str) -> str:
     }
     headers = {"Content-Type": "application/json"}
     if config.api_key_env:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+            raise LLMError(
+                f"judge: refusing to send the {config.api_key_env} token over plain HTTP to {parts.hostname}"
+            )
         key = os.environ.get(config.api_key_env)
         if not key:
             raise LLMError(f"judge: environment variable {config.api_key_env} (judge.api_key_env) is not set")

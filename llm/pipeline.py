@@ -23,6 +23,7 @@ from typing import Any
 
 from llm.errors import LLMError
 from llm.tracking import DEFAULT_EXPERIMENT, PARENT_RUN_ENV, repo_root, tracking_uri
+from llm.tracking import _redact as redact  # user:password@ stripped from URLs before printing
 
 ACTIONS: dict[str, tuple[str, ...]] = {"repro": ("repro",), "exp-run": ("exp", "run")}
 
@@ -87,11 +88,12 @@ def _start_parent(action: str, command: list[str]) -> tuple[Any, str] | None:
         run = client.create_run(experiment.experiment_id, run_name=f"pipeline {action}", tags=tags)
     except Exception as err:
         print(
-            f"warning: MLflow at {uri} failed ({type(err).__name__}: {err}); running without a parent run",
+            f"warning: MLflow at {redact(uri)} failed ({type(err).__name__}: {redact(str(err))}); "
+            "running without a parent run",
             file=sys.stderr,
         )
         return None
-    print(f"pipeline: MLflow parent run {run.info.run_id} at {uri}", file=sys.stderr)
+    print(f"pipeline: MLflow parent run {run.info.run_id} at {redact(uri)}", file=sys.stderr)
     return client, run.info.run_id
 
 
@@ -101,7 +103,10 @@ def _end_parent(parent: tuple[Any, str], status: str, code: int) -> None:
         client.set_tag(run_id, "dvc.exit_code", str(code))
         client.set_terminated(run_id, status)
     except Exception as err:
-        print(f"warning: could not end MLflow parent run {run_id} ({type(err).__name__}: {err})", file=sys.stderr)
+        print(
+            f"warning: could not end MLflow parent run {run_id} ({type(err).__name__}: {redact(str(err))})",
+            file=sys.stderr,
+        )
 
 
 def _git_commit() -> dict[str, str]:

@@ -109,3 +109,12 @@ def test_api_key_comes_from_the_named_environment_variable(
     server.replies.append(completion("50"))
     judge(ENTRIES[:1], ["a"], config_for(server, api_key_env="JUDGE_TEST_KEY"), progress=False)
     assert server.requests[-1][2] == "Bearer sk-test"
+
+
+def test_a_token_is_never_sent_over_plain_http_to_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test")
+    config = JudgeConfig(url="http://judge.example.com/v1", api_key_env="JUDGE_TEST_KEY", timeout=5)
+    with pytest.raises(
+        LLMError, match=r"refusing to send the JUDGE_TEST_KEY token over plain HTTP to judge\.example\.com"
+    ):
+        judge(ENTRIES[:1], ["a"], config, progress=False)
