@@ -220,9 +220,8 @@ def train(
     SIGINT/SIGTERM finish the current step, write a checkpoint and raise `Interrupted`. A non-finite loss or
     gradient raises LLMError naming the step before the optimizer touches the weights (checkpoints stay good).
     """
-    rank, world, local_rank = distributed_env()
+    _, world, local_rank = distributed_env()
     device = resolve_device(config.device, local_rank)
-    dtype = resolve_dtype(config.precision, device)
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
         if device.type == "cuda":
@@ -230,8 +229,8 @@ def train(
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         with _stop_on_signals() as stop:
-            loop = _Loop(model, train_batch, config, loss_fn, evaluate, sample, checkpoint_dir, tracker)
-            return loop.run(device, dtype, rank, world, stop)
+            hooks = {"loss_fn": loss_fn, "evaluate": evaluate, "sample": sample, "tracker": tracker}
+            return _Loop(model, train_batch, config, device, checkpoint_dir, stop, **hooks).run()
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -245,29 +244,32 @@ class _Loop:
         model: nn.Module,
         train_batch: Callable[[int], Batch],
         config: TrainConfig,
+        device: torch.device,
+        checkpoint_dir: str | os.PathLike[str] | None,
+        stop: list[int],
+        *,
         loss_fn: LossFn,
         evaluate: Evaluate | None,
         sample: Callable[[nn.Module], str] | None,
-        checkpoint_dir: str | os.PathLike[str] | None,
         tracker: Tracker | None,
     ) -> None:
-        self.model, self.train_batch, self.config, self.loss_fn = model, train_batch, config, loss_fn
-        self.evaluate, self.sample, self.tracker = evaluate, sample, tracker
+        self.rank, self.world, _ = distributed_env()
+        self.model, self.train_batch, self.config = model.to(device), train_batch, config
+        self.device, self.stop = device, stop
+        self.loss_fn, self.evaluate, self.sample = loss_fn, evaluate, sample
+        self.tracker = tracker if self.rank == 0 else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.dtype = resolve_dtype(config.precision, device)
+        self.optimizer = make_optimizer(model, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] = {}
         self.last_checkpoint: Path | None = None
         self.start_step = 0
 
-    def run(
-        self, device: torch.device, dtype: torch.dtype | None, rank: int, world: int, stop: list[int]
-    ) -> TrainResult:
-        config, model = self.config, self.model.to(device)
-        self.device, self.dtype, self.rank, self.world, self.stop = device, dtype, rank, world, stop
-        self.tracker = self.tracker if rank == 0 else None
-        self.optimizer = make_optimizer(model, config)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def run(self) -> TrainResult:
+        config, model = self.config, self.model
         self._resume()
         state = self.state
         net = self._wrap(torch.compile(model) if config.compile else model)
@@ -297,10 +299,10 @@ class _Loop:
                 stopped_early = bool(config.patience) and state.stale_evals >= config.patience
                 bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             self._record(metrics)
-            if self.sample is not None and (last or _every(state.step, config.sample_every)):
-                self._run_sample(bar)
             if last or stopped_early or interrupted or _every(state.step, config.checkpoint_every):
                 self._save_checkpoint()
+            if self.sample is not None and (last or _every(state.step, config.sample_every)):
+                self._run_sample(bar)
             if interrupted:
                 bar.close()
                 raise Interrupted(self.stop[0], self._interrupted_message())
@@ -387,11 +389,12 @@ class _Loop:
         return result
 
     def _run_sample(self, bar: tqdm) -> None:
+        """Generate the text sample on rank 0, in the model's own precision (decoding gains little from autocast)."""
         if self.rank != 0:
             return
         assert self.sample is not None
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.dtype):
+        with torch.no_grad():
             text = self.sample(self.model)
         self.model.train()
         bar.write(f"sample at step {self.state.step}: {text!r}")

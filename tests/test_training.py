@@ -203,3 +203,16 @@ def test_dvc_files_of_a_run(tmp_path: Path) -> None:
     with open(tmp_path / "plots" / "pretrain" / "val_loss.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [4, 8]
     assert json.loads((tmp_path / "runs" / "pretrain.json").read_text()) == {"run_id": None, "tracking_uri": None}
+
+
+def test_samples_decode_with_a_kv_cache_under_bf16_training() -> None:
+    from llm.generate import generate
+
+    texts: list[str] = []
+
+    def sample(model: torch.nn.Module) -> str:
+        texts.append(" ".join(map(str, generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0)[0])))
+        return texts[-1]
+
+    train(tiny_model(), batch, config(max_steps=4, sample_every=2, precision="bf16"), sample=sample)
+    assert len(texts) == 2 and all(len(t.split()) == 4 for t in texts)
