@@ -236,12 +236,12 @@ def make_repo(repo: Path, env: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Iterator[Pipeline]:
-    """The tiny pipeline after one uninterrupted `dvc repro`, stage by stage."""
+    """The tiny pipeline after one uninterrupted `dvc repro`, stage by stage (MLflow on: its store exists)."""
     tmp = tmp_path_factory.mktemp("faults")
     env = fault_env(tmp, mirror, tmp / "repo")
     pipe = Pipeline(tmp / "repo", env, make_repo(tmp / "repo", env))
     for stage in pipe.stages:
-        run = pipe.interrupt(stage, None, 0.0)
+        run = pipe.interrupt(stage, None, 0.0, {**env, "LLM_MLFLOW": "on"})
         assert run.returncode == 0 and run.ran() == [stage], run.stdout + run.stderr
         pipe.durations[stage] = run.seconds
     pipe.reference = pipe.outputs()

@@ -4,14 +4,16 @@ Each interruption hits a fresh or a resumed run of the stage (the previous one w
 no output under data/, models/, metrics/, reports/ or plots/ is half-written (every file there equals the one
 of the uninterrupted run, compared bitwise except wall times, throughput and run ids), so `dvc status` cannot
 call an incomplete output complete; a SIGTERM stops the stage cleanly (no traceback) and leaves no MLflow run
-RUNNING. Finally a plain `dvc repro` completes, reruns only that stage, leaves no temporary files, and
-reproduces the uninterrupted run's outputs.
+RUNNING. Finally `dvc repro <stage>` completes (resuming where the last run stopped), leaves no temporary files,
+and reproduces the uninterrupted run's outputs. Downstream stages are not rerun: volatile metadata (training
+time, run ids) in a stage's outputs changes their hashes even when the outputs proper are bitwise identical.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -52,7 +54,7 @@ def differences(outputs: dict[str, bytes], reference: dict[str, bytes]) -> list[
 def interrupt(pipeline: Pipeline, stage: str, signum: int, seed: int) -> Run:
     """Run `stage` and send `signum` at a seeded random point of its uninterrupted duration (sooner if it ends
     before that: a resumed run is shorter). MLflow is on under SIGTERM: the run must end KILLED or FAILED."""
-    delay = random.Random(f"{stage}/{seed}").uniform(0.05, 0.9) * pipeline.durations[stage]
+    delay = random.Random(f"{stage}/{seed}").uniform(0.05, 0.75) * pipeline.durations[stage]
     env = {**pipeline.env, "LLM_MLFLOW": "on" if signum == signal.SIGTERM else "off"}
     for _ in range(4):
         since = int(time.time() * 1000)
@@ -73,8 +75,10 @@ def check_interrupted(pipeline: Pipeline, stage: str, run: Run, since_ms: int) -
     assert wrong == [], f"incomplete outputs visible after {stage} was interrupted: {wrong}\n{run.stderr[-2000:]}"
     if pipeline.status(stage) == {}:  # DVC says the stage is complete: then its outputs must all be there
         assert outputs.keys() == pipeline.reference.keys()
-    runs = pipeline.mlflow_runs()
-    assert [(name, status) for name, status, start in runs if start >= since_ms and status == "RUNNING"] == []
+    ended = [status for _, status, start in pipeline.mlflow_runs() if start >= since_ms]
+    assert "RUNNING" not in ended, ended  # KILLED or FAILED (FINISHED if the signal came after the run ended)
+    saved = re.search(r"checkpoint saved in (\S+);", run.stderr)  # a training stage stopped by SIGTERM
+    assert saved is None or (pipeline.repo / saved[1] / "state.pt").is_file(), saved
 
 
 @pytest.mark.slow
@@ -85,8 +89,9 @@ def test_interrupted_stage_reruns_to_the_same_outputs(pipeline: Pipeline, stage:
         run = interrupt(pipeline, stage, signum, seed)
         if signum == signal.SIGTERM:
             assert "Traceback" not in run.stderr, run.stderr  # a clean stop
-    again = pipeline.dvc("repro", "--no-run-cache")
-    assert stage in again.ran() and set(again.ran()) <= set(STAGES[STAGES.index(stage) :]), again.stdout
+    again = pipeline.dvc("repro", "--no-run-cache", stage)  # upstream is up to date: only `stage` reruns
+    assert again.ran() == [stage], again.stdout
+    assert pipeline.status(stage) == {}
     assert pipeline.leftovers() == [], f"temporary files left after {stage} was interrupted and rerun"
     wrong = differences(pipeline.outputs(), pipeline.reference)
     assert wrong == [], f"outputs differ from the uninterrupted run's after {stage} was rerun: {wrong}"
