@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
+from test_data_stages import make_env
+from test_e2e import merge, smoke_params
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -40,31 +42,14 @@ TINY: dict[str, Any] = {
     "model": {"overrides": {"emb_dim": 32, "n_heads": 2, "n_layers": 1}},
     "pretrain": {"batch_size": 2, "eval_windows": 4, "sample_tokens": 4},
     "finetune_classifier": {"classifier": {"max_length": 16}, "train": {"batch_size": 64}, "eval_batch_size": 256},
-    "finetune_instructions": {  # greedy: a partial `generation` section would fall back to temperature 1, unseeded
-        "batch_size": 2,
-        "eval_batch_size": 64,
-        "response_batch_size": 64,
-        "generation": {"temperature": 0},
-    },
+    "finetune_instructions": {"batch_size": 2, "eval_batch_size": 64, "response_batch_size": 64},
     "evaluate": {"heldout_max_tokens": 256, "batch_size": 16},
 }
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `override` merged in, recursively for nested mappings (lists and scalars replace)."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def tiny_params() -> dict[str, Any]:
-    """params.yaml, then params-smoke.yaml (when present), then TINY; the corpus cut to one small book."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    smoke = ROOT / "params-smoke.yaml"
-    if smoke.is_file():
-        params = merge(params, yaml.safe_load(smoke.read_text(encoding="utf-8")))
-    params = merge(params, TINY)
+    """The smoke profile (params.yaml + params-smoke.yaml), then TINY; the corpus cut to one small book."""
+    params = merge(smoke_params(), TINY)
     sources = params["data"]["sources"]
     params["data"]["sources"] = [s for s in sources if not s["path"].startswith("corpus/") or s["path"] == SMALL_BOOK]
     return params
@@ -201,21 +186,14 @@ def _signal(pid: int, signum: int) -> bool:
 
 
 def fault_env(tmp: Path, mirror: Path, repo: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LLM_", "DVC_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in dvc.yaml is this venv's
-        PYTHONPATH=str(repo),  # the copy's llm package, not the checkout's
+    env = make_env(
+        tmp,
         LLM_DATA_MIRROR=str(mirror),
         LLM_ALLOCATOR="system",  # no allocator re-exec: one interpreter start per stage (CPU budget)
         LLM_MLFLOW="off",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
-        GIT_AUTHOR_NAME="Test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="Test",
-        GIT_COMMITTER_EMAIL="test@example.com",
     )
+    env["PYTHONPATH"] = str(repo)  # the copy's llm package, not the checkout's
     return env
 
 
