@@ -1,13 +1,13 @@
 """Tracking one stage run: MLflow (params, step metrics, artifacts, tags) and DVC files, behind one interface.
 
-A `Tracker` writes, for stage S under the repository root:
+A `Tracker` logs one MLflow run for stage S (experiment `$MLFLOW_EXPERIMENT_NAME`, default "llm"), tagged with
+the stage, the git commit and dirty flag, and the DVC experiment name (`$DVC_EXP_NAME`); with
+`$LLM_MLFLOW_PARENT_RUN_ID` set (by a pipeline wrapper) it is a child of that run. When the run finishes it
+writes, under the repository root (a failed or interrupted run leaves the last good run's files alone):
 - `metrics/S.json`: the latest value of every metric (for `dvc metrics show/diff`, `dvc exp show`);
 - `plots/S/<metric>.csv`: `step,<metric>` rows of every per-step metric (declared as DVC plots);
 - `runs/S.json`: `{"run_id", "tracking_uri", "experiment_id"}`, so later stages can log the run ids of the
-  stages they depend on even when DVC skipped those stages (lineage survives cache hits);
-- one MLflow run (experiment `$MLFLOW_EXPERIMENT_NAME`, default "llm") tagged with the stage, the git
-  commit and dirty flag, and the DVC experiment name (`$DVC_EXP_NAME`). With `$LLM_MLFLOW_PARENT_RUN_ID`
-  set (by a pipeline wrapper) the run is a child of that run.
+  stages they depend on even when DVC skipped those stages (lineage survives cache hits).
 
 The tracking URI is `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<repo>/mlflow.db` (absolute, so runs
 made in the temporary copies of `dvc exp run --temp/--queue` land in the real repository). `LLM_MLFLOW=off`
@@ -203,7 +203,8 @@ class Tracker:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             local = self.uri.startswith("sqlite:")  # keep artifacts beside the store, not in a DVC temp copy
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if local else None
+            store = Path(self.uri.removeprefix("sqlite:///")).resolve()
+            location = (store.parent / "mlartifacts").as_uri() if local else None
             with contextlib.suppress(Exception):  # another process may have created it meanwhile
                 client.create_experiment(name, artifact_location=location)
             experiment = client.get_experiment_by_name(name)

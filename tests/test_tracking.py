@@ -214,3 +214,14 @@ def test_logs_to_a_real_mlflow_server(mlflow_server: str, tmp_path: Path, monkey
     assert list(found["run_id"]) == [tracker.run_id] and list(found["status"]) == ["FINISHED"]
     assert found.loc[0, "metrics.loss"] == 2.0
     assert json.loads((tmp_path / "runs" / "pretrain.json").read_text())["tracking_uri"] == mlflow_server
+
+
+def test_a_relative_sqlite_uri_keeps_artifacts_beside_the_store(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    with Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_text("hello", "samples/a.txt")
+    assert tracker.run_id is not None
+    assert (tmp_path / "mlartifacts" / tracker.run_id / "artifacts" / "samples" / "a.txt").is_file()
