@@ -12,12 +12,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,13 +75,11 @@ class Pipeline:
     reference: dict[str, bytes] = field(default_factory=dict)  # outputs of the uninterrupted run
     durations: dict[str, float] = field(default_factory=dict)  # seconds from stage start to exit, uninterrupted
 
-    def dvc(self, *args: str, ok: bool = True, env: dict[str, str] | None = None) -> Run:
-        out = subprocess.run([DVC, *args], cwd=self.repo, env=env or self.env, capture_output=True, text=True)
-        run = Run(out.returncode, out.stdout, out.stderr)
-        assert run.returncode == 0 or not ok, (
-            f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        )
-        return run
+    def dvc(self, *args: str) -> Run:
+        """Run `dvc <args>`, which must succeed."""
+        out = subprocess.run([DVC, *args], cwd=self.repo, env=self.env, capture_output=True, text=True)
+        assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return Run(out.returncode, out.stdout, out.stderr)
 
     def interrupt(self, stage: str, signum: int | None, delay: float, env: dict[str, str] | None = None) -> Run:
         """Force-run `stage` alone and send `signum` to its process `delay` seconds after it starts (no signal:
@@ -213,7 +209,7 @@ def make_repo(repo: Path, env: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Iterator[Pipeline]:
+def pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Pipeline:
     """The tiny pipeline after one uninterrupted `dvc repro`, stage by stage (MLflow on: its store exists)."""
     tmp = tmp_path_factory.mktemp("faults")
     env = fault_env(tmp, mirror, tmp / "repo")
@@ -224,8 +220,4 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Iterator
         pipe.durations[stage] = run.seconds
     pipe.reference = pipe.outputs()
     assert pipe.status() == {} and pipe.leftovers() == []
-    yield pipe
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+    return pipe
