@@ -52,11 +52,13 @@ class ClassifierConfig:
 
     method: `lora` (adapters + head), `last_blocks` (the last `last_blocks` blocks, final LayerNorm and head,
     the book's chapter 6 recipe) or `full` (every weight). max_length: tokens kept from the start of a text.
+    append_eot: end every text with <|endoftext|>, so the head always reads the same token (see encode_text).
     """
 
     labels: tuple[str, ...] = ("ham", "spam")
     method: Literal["lora", "last_blocks", "full"] = "lora"
     max_length: int = 128
+    append_eot: bool = False
     last_blocks: int = 1
     lora: LoRAConfig = LoRAConfig()
 
@@ -219,7 +221,7 @@ def classify(
     model: GPTClassifier, texts: Sequence[str], tokenizer: tiktoken.Encoding, batch_size: int = 32
 ) -> list[tuple[str, float]]:
     """(label, probability of that label) for each text."""
-    items = [(encode_text(tokenizer, t, model.config.max_length), 0) for t in texts]
+    items = [(encode_text(tokenizer, t, model.config.max_length, model.config.append_eot), 0) for t in texts]
     empty = [i for i, (ids, _) in enumerate(items) if not ids]
     if empty:
         raise LLMError(f"text {empty[0] + 1} of {len(texts)} is empty: nothing to classify")

@@ -123,7 +123,8 @@ def main() -> None:
     splits = stratified_split(examples, params.data.split, params.data.seed)
     tokenizer = get_tokenizer(RANKS_FILE if RANKS_FILE.is_file() else None)
     data = {
-        name: ClassificationDataset(split, tokenizer, params.classifier.max_length) for name, split in splits.items()
+        name: ClassificationDataset(split, tokenizer, params.classifier.max_length, params.classifier.append_eot)
+        for name, split in splits.items()
     }
     config = train_config(params, len(data["train"]))
 

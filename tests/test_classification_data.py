@@ -97,6 +97,9 @@ def test_dataset_and_collate_pad_right() -> None:
     assert ds[0] == ([15496, 11, 995], 0)
     assert EOT_ID not in ds[1][0]  # special-token text is plain text
     assert len(ds[2][0]) == 8  # truncated
+    with_eot = ClassificationDataset(examples, tokenizer, max_length=8, append_eot=True)
+    assert with_eot[0] == ([15496, 11, 995, EOT_ID], 0)
+    assert with_eot[2][0] == [*ds[2][0][:7], EOT_ID]  # still at most max_length tokens
     batch = collate([ds[0], ds[1]])
     n = len(ds[1][0])
     assert batch.ids.shape == (2, n) and batch.ids.dtype == torch.long

@@ -123,17 +123,24 @@ def _by_class(examples: Sequence[Example]) -> dict[int, list[Example]]:
     return dict(sorted(groups.items()))
 
 
-def encode_text(tokenizer: tiktoken.Encoding, text: str, max_length: int) -> list[int]:
-    """Token ids of `text`, special-token strings treated as plain text, truncated to the first `max_length`."""
-    return tokenizer.encode(text, disallowed_special=())[:max_length]
+def encode_text(tokenizer: tiktoken.Encoding, text: str, max_length: int, append_eot: bool = False) -> list[int]:
+    """Token ids of `text` (special-token strings treated as plain text), cut to its first `max_length` ids.
+
+    append_eot: end with <|endoftext|> (within max_length), a fixed last position to read the text's summary
+    from, like GPT-1's extract token.
+    """
+    ids = tokenizer.encode(text, disallowed_special=())[: max_length - append_eot]
+    return [*ids, EOT_ID] if append_eot and ids else ids
 
 
 class ClassificationDataset(Dataset):
     """Tokenised examples: `ds[i]` → (ids: list[int] of 1..max_length tokens, label: int)."""
 
-    def __init__(self, examples: Sequence[Example], tokenizer: tiktoken.Encoding, max_length: int) -> None:
+    def __init__(
+        self, examples: Sequence[Example], tokenizer: tiktoken.Encoding, max_length: int, append_eot: bool = False
+    ) -> None:
         self.examples = list(examples)
-        self.ids = [encode_text(tokenizer, e.text, max_length) for e in self.examples]
+        self.ids = [encode_text(tokenizer, e.text, max_length, append_eot) for e in self.examples]
 
     def __len__(self) -> int:
         return len(self.examples)
