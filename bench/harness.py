@@ -165,6 +165,7 @@ def machine_info() -> dict[str, Any]:
         "bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}) or "no native bf16",
         "isa": torch.backends.cpu.get_cpu_capability(),
         "memory_gb": round(mem_gb, 1),
+        "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git": f"{commit}{' (dirty)' if dirty else ''}",

@@ -82,14 +82,17 @@ def list_presets() -> list[str]:
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """Return the preset `name`, optionally with some fields replaced (e.g. `dropout=0.1`)."""
     if name not in PRESETS:
-        raise LLMError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; valid: {', '.join(PRESETS)}")
+        raise LLMError(f"unknown model preset {name!r}{suggest(name, PRESETS)}; valid: {', '.join(PRESETS)}")
     return from_mapping(GPTConfig, {**PRESETS[name].to_dict(), **overrides}, where=f"preset {name}")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types with a message naming them.
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str, base: T | None = None) -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys, wrong types and bad values with a message
+    that starts with `where` (e.g. `params.yaml:pretrain`).
 
-    Nested dataclass fields are built recursively; ints are accepted where floats are expected.
+    Keys missing from `data` keep the value in `base`, else the field's default. A nested dataclass field given
+    in part keeps the rest from that field's own default (so `generation: {max_new_tokens: 4}` keeps a
+    section's greedy `temperature: 0`). Ints are accepted where floats are expected.
     """
     if not isinstance(data, Mapping):
         raise LLMError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
@@ -97,10 +100,28 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     unknown = [key for key in data if key not in fields]
     if unknown:
         key = unknown[0]
-        raise LLMError(f"{where}: unknown key {key!r}{_suggest(str(key), fields)}; valid keys: {', '.join(fields)}")
+        raise LLMError(f"{where}: unknown key {key!r}{suggest(str(key), fields)}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()}
-    return cls(**values)
+    values = {}
+    for key, value in data.items():
+        hint, default = hints[key], getattr(base, key) if base is not None else _field_default(fields[key])
+        if dataclasses.is_dataclass(hint) and dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            values[key] = from_mapping(hint, value, f"{where}.{key}", base=default)  # type: ignore[arg-type]
+        else:
+            values[key] = _coerce(value, hint, f"{where}.{key}")
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)  # type: ignore[type-var]
+    except (LLMError, ValueError, TypeError) as err:
+        raise LLMError(f"{where}: {err}") from err
+
+
+def _field_default(field: dataclasses.Field[Any]) -> Any:
+    """The value a dataclass field gets when it is not given (None when it is required)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -144,6 +165,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _suggest(name: str, valid: typing.Iterable[str]) -> str:
+def suggest(name: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,15 +10,27 @@ from typing import Any, TypeVar
 import yaml
 
 from llm.allocator import reexec_with_best_allocator
-from llm.config import from_mapping
+from llm.config import from_mapping, suggest
 from llm.errors import LLMError
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
+# Every top-level section some stage reads; any other name (a typo such as `pretrian:`) is an error.
+SECTIONS = (
+    "data",
+    "tokenize",
+    "sample",
+    "model",
+    "pretrain",
+    "finetune_classifier",
+    "finetune_instructions",
+    "evaluate",
+)
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """The whole params file as a dict (DVC substitutes nothing in it; stages read it directly)."""
+    """The whole params file as a dict (DVC substitutes nothing in it; stages read it directly); a section name
+    outside SECTIONS is an error, so a misspelt section is never silently replaced by defaults."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
@@ -29,6 +41,11 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raise LLMError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
     if not isinstance(data, dict):
         raise LLMError(f"{path} must be a mapping of sections, got {type(data).__name__}")
+    for name in data:
+        if name not in SECTIONS:
+            raise LLMError(
+                f"{path}: unknown section {name!r}{suggest(str(name), SECTIONS)}; valid sections: {', '.join(SECTIONS)}"
+            )
     return data
 
 

@@ -25,8 +25,18 @@ import torch
 
 from llm.checkpoint import WEIGHTS_FILE, load_model, save_model
 from llm.classifier import LoRAConfig
-from llm.data.instructions import Example, Instruction, collate, encode, load_instructions, respond, split_entries
+from llm.data.instructions import (
+    Example,
+    Instruction,
+    collate,
+    encode,
+    load_instructions,
+    respond,
+    split_entries,
+    trainable,
+)
 from llm.data.windows import batch_indices
+from llm.errors import LLMError
 from llm.evaluation import mean_loss
 from llm.generate import GenerationConfig
 from llm.io import sha256_file, write_json
@@ -84,10 +94,17 @@ def main() -> None:
     started = time.perf_counter()
     splits = instruction_splits(params)
     tokenizer = get_tokenizer(RANKS_FILE if RANKS_FILE.is_file() else None)
-    train_set, val_set = encode(splits["train"], tokenizer), encode(splits["val"], tokenizer)
     model = load_model(BASE_DIR)
     context = model.config.context_length
     limit = min(params.allowed_max_length or context, context)
+    encoded = {name: encode(splits[name], tokenizer) for name in ("train", "val")}
+    train_set, val_set = (trainable(encoded[name], limit, mask_prompt=params.mask_prompt) for name in ("train", "val"))
+    dropped = {name: len(encoded[name]) - len(kept) for name, kept in (("train", train_set), ("val", val_set))}
+    if not train_set or not val_set:
+        raise LLMError(
+            f"no {'training' if not train_set else 'validation'} example has a response token within "
+            f"{limit} tokens (every prompt is longer); raise allowed_max_length or the base model's context_length"
+        )
     if params.method == "lora":
         torch.manual_seed(params.seed)  # the adapters' initialisation
         lora = params.lora
@@ -112,6 +129,11 @@ def main() -> None:
     print(
         f"{params.method}: {sizes['trainable']:,} of {sizes['total']:,} parameters trainable; "
         f"examples train {len(train_set)}, val {len(val_set)}, test {len(splits['test'])}"
+        + (
+            f" (prompt longer than {limit} tokens, skipped: train {dropped['train']}, val {dropped['val']})"
+            if any(dropped.values())
+            else ""
+        )
     )
     with Tracker(STAGE, upstream=("pretrain",)) as tracker:
         tracker.log_params(
@@ -120,6 +142,7 @@ def main() -> None:
                 "base_weights_sha256": base_sha,
                 "trainable_params": sizes["trainable"],
                 "examples": {name: len(entries) for name, entries in splits.items()},
+                "examples_skipped": dropped,
             }
         )
         result = train(

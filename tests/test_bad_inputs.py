@@ -465,7 +465,6 @@ def test_train_config_rejects_nonpositive_sizes_directly(bad: dict[str, Any]) ->
         TrainConfig(**bad)
 
 
-@pytest.mark.xfail(strict=True, reason="stages/common.py: load_params ignores unknown top-level sections")
 def test_a_misspelt_params_section_is_an_error(ws: Path) -> None:
     """`pretrian:` beside `pretrain:` must not be silently ignored: every stage refuses an unknown section."""
     set_params(ws, "pretrian", {"lr": 0.01})
@@ -476,7 +475,6 @@ def test_a_misspelt_params_section_is_an_error(ws: Path) -> None:
     assert snapshot(ws) == before
 
 
-@pytest.mark.xfail(strict=True, reason="from_mapping does not prefix __post_init__ errors with `where` (llm/config.py)")
 def test_value_errors_name_the_params_section() -> None:
     """A bad value is reported with its params.yaml path, like unknown keys and wrong types are."""
     with pytest.raises(LLMError, match=r"^params\.yaml:finetune_classifier\.train: .*batch_size"):

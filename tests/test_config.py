@@ -80,5 +80,27 @@ def test_from_mapping_nested_and_literal() -> None:
         from_mapping(Outer, {"inner": {"lr": "fast"}}, where="params")
 
 
+def test_from_mapping_partial_nested_section_keeps_the_fields_own_default() -> None:
+    from dataclasses import field
+
+    @dataclass(frozen=True)
+    class Sampling:
+        tokens: int = 10
+        temperature: float = 1.0
+
+    @dataclass(frozen=True)
+    class Section:
+        sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
+
+    built = from_mapping(Section, {"sampling": {"tokens": 4}}, where="params.yaml:stage")
+    assert built.sampling == Sampling(tokens=4, temperature=0.0)  # not the class default 1.0
+    assert from_mapping(Section, {}, where="params.yaml:stage").sampling.temperature == 0.0
+
+
+def test_from_mapping_value_errors_name_where() -> None:
+    with pytest.raises(LLMError, match=r"^params\.yaml:model: .*n_heads"):
+        from_mapping(GPTConfig, {"emb_dim": 30, "n_heads": 4}, where="params.yaml:model")
+
+
 def test_presets_listed() -> None:
     assert {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "cpu-small", "cpu-tiny"} <= set(list_presets())

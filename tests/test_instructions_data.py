@@ -15,6 +15,7 @@ from llm.data.instructions import (
     parse_entries,
     respond,
     split_entries,
+    trainable,
 )
 from llm.errors import LLMError
 from llm.generate import GenerationConfig, generate
@@ -43,6 +44,19 @@ def test_collate_truncates_to_allowed_max_length() -> None:
     inputs, targets = collate(BATCH, mask_prompt=True, allowed_max_length=3)
     assert inputs.tolist() == [[1, 2, 3], [6, 7, E], [8, 9, 10]]
     assert targets.tolist() == [[X, X, 4], [7, E, X], [X, 10, E]]
+
+
+def test_trainable_drops_examples_whose_prompt_fills_the_window() -> None:
+    # prompt lengths 3, 1, 2: at max_length 2 the first example's targets would all be ignored
+    assert trainable(BATCH, 2, mask_prompt=True) == BATCH[1:]
+    _, targets = collate(BATCH[1:], mask_prompt=True, allowed_max_length=2)
+    assert bool(((targets != X).sum(dim=1) > 0).all())
+    assert trainable(BATCH, 3, mask_prompt=True) == BATCH
+    assert trainable(BATCH, 1, mask_prompt=False) == BATCH  # unmasked, every example keeps a target
+    _, all_ignored = collate(BATCH[:1], mask_prompt=True, allowed_max_length=2)
+    assert bool((all_ignored == X).all())  # what trainable() prevents
+    with pytest.raises(LLMError, match="max_length must be positive"):
+        trainable(BATCH, 0, mask_prompt=True)
 
 
 def test_loss_on_collated_batch_counts_only_unmasked_targets() -> None:

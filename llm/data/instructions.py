@@ -117,6 +117,18 @@ def encode(entries: Sequence[Instruction], tokenizer: tiktoken.Encoding) -> list
     return [Example(p + o, len(p)) for p, o in zip(prompts, outputs, strict=True)]
 
 
+def trainable(examples: Sequence[Example], max_length: int, *, mask_prompt: bool) -> list[Example]:
+    """The examples that keep at least one target after truncation to `max_length` tokens.
+
+    With `mask_prompt` an example whose prompt alone fills `max_length` (prompt_len > max_length) would have
+    every target ignored: it teaches nothing, and a batch made only of such examples has an undefined (nan)
+    mean loss. Without masking every example keeps its targets.
+    """
+    if max_length < 1:
+        raise LLMError(f"max_length must be positive, got {max_length}")
+    return [ex for ex in examples if not mask_prompt or ex.prompt_len <= max_length]
+
+
 def collate(
     batch: Sequence[Example],
     *,

@@ -40,7 +40,8 @@ TINY: dict[str, Any] = {
     "model": {"overrides": {"emb_dim": 32, "n_heads": 2, "n_layers": 1}},
     "pretrain": {"batch_size": 2, "eval_windows": 4, "sample_tokens": 4},
     "finetune_classifier": {"classifier": {"max_length": 16}, "train": {"batch_size": 64}, "eval_batch_size": 256},
-    "finetune_instructions": {"batch_size": 2, "eval_batch_size": 64, "response_batch_size": 64},
+    # 32-token windows hold no response after an Alpaca prompt, so train on the whole sequence here
+    "finetune_instructions": {"mask_prompt": False, "batch_size": 2, "eval_batch_size": 64, "response_batch_size": 64},
     "evaluate": {"heldout_max_tokens": 256, "batch_size": 16},
 }
 
