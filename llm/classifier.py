@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -215,6 +215,24 @@ def predict_proba(model: GPTClassifier, batches: Iterable[Sequence[torch.Tensor]
         probs.append(torch.softmax(logits.float(), dim=-1).cpu())
         labels.append(batch_labels)
     return torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+def classification_evaluator(batches: Sequence[Sequence[torch.Tensor]]) -> Callable[[nn.Module], dict[str, float]]:
+    """The training engine's `evaluate` for a classifier, over fixed (ids, lengths, labels) `batches`.
+
+    It returns val_loss (mean negative log-probability of the actual class, in nats; probabilities floored at
+    1e-12) and val_accuracy (the fraction of argmax predictions that are right, in [0, 1]).
+    """
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        labels, probs = predict_proba(model, batches)
+        actual = probs[np.arange(len(labels)), labels]
+        return {
+            "val_loss": float(-np.log(np.maximum(actual, 1e-12)).mean()),
+            "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        }
+
+    return evaluate
 
 
 def classify(

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity on a token stream, ROUGE-L F1, and an LLM judge behind an OpenAI-compatible chat API.
+"""Evaluation: perplexity on a token stream (e.g. the held-out books), ROUGE-L F1, and an LLM judge behind an
+OpenAI-compatible chat API.
 
 The judge follows *Build a Large Language Model (From Scratch)*, ch. 7: a stronger model (e.g. a local Ollama
 `llama3`) scores each response 0–100 against the reference, at temperature 0 with a fixed seed. Replies that
@@ -17,15 +18,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+import tiktoken
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm.data.instructions import Instruction, format_prompt
+from llm.data.text import read_text, strip_gutenberg
 from llm.errors import LLMError
 from llm.model import GPT
+from llm.tokenizer import EOT_ID
 
 _WORD = re.compile(r"\w+")
 
@@ -112,6 +117,19 @@ def mean_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) 
     if count == 0:
         raise LLMError("mean_loss: the batches hold no target tokens")
     return total / count
+
+
+def heldout_tokens(directory: str | Path, tokenizer: tiktoken.Encoding, max_tokens: int = 0) -> torch.Tensor:
+    """The held-out books `directory`/*.txt (by name, Gutenberg boilerplate stripped), each followed by
+    <|endoftext|>, as a 1-D int64 token tensor of at most `max_tokens` tokens (0 = all)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.txt"))
+    if not files:
+        raise LLMError(f"no held-out text in {directory}/ (run the fetch stage: dvc repro fetch)")
+    tokens: list[int] = []
+    for path in files:
+        tokens += [*tokenizer.encode_ordinary(strip_gutenberg(read_text(path))), EOT_ID]
+    return torch.tensor(tokens[:max_tokens] if max_tokens else tokens)
 
 
 @dataclass(frozen=True)

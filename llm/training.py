@@ -111,6 +111,29 @@ class TrainConfig:
                 raise LLMError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
+# The fields `per_epoch` sets (a caller scheduling in epochs leaves them to it).
+PER_EPOCH_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "best_metric", "restore_best")
+
+
+def per_epoch(config: TrainConfig, epochs: int, n_examples: int) -> TrainConfig:
+    """`config` scheduled in epochs over `n_examples` examples: `epochs` passes, an evaluation and a checkpoint at
+    the end of every epoch, and the trainable weights of the epoch with the lowest val_loss restored at the end.
+
+    An epoch is ceil(n_examples / (batch_size * grad_accum)) optimizer steps; the other fields are kept.
+    """
+    if epochs < 1 or n_examples < 1:
+        raise LLMError(f"per_epoch needs epochs >= 1 and n_examples >= 1, got {epochs} and {n_examples}")
+    steps_per_epoch = math.ceil(n_examples / (config.batch_size * config.grad_accum))
+    return dataclasses.replace(
+        config,
+        max_steps=epochs * steps_per_epoch,
+        eval_every=steps_per_epoch,
+        checkpoint_every=steps_per_epoch,
+        best_metric="val_loss",
+        restore_best=True,
+    )
+
+
 @dataclass
 class TrainState:
     """What a run has done so far; saved in every checkpoint."""

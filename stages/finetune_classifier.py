@@ -18,19 +18,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llm.checkpoint import WEIGHTS_FILE, load_model
 from llm.classifier import (
     ClassifierConfig,
     GPTClassifier,
+    classification_evaluator,
     classification_loss,
     classification_metrics,
     export_merged,
@@ -38,21 +37,15 @@ from llm.classifier import (
     save_classifier,
 )
 from llm.config import from_mapping
-from llm.data.classification import (
-    ClassificationDataset,
-    Example,
-    balance_classes,
-    collate,
-    read_labeled_tsv,
-    stratified_split,
-)
+from llm.data.classification import ClassificationDataset, balance_classes, read_labeled_tsv, stratified_split
 from llm.data.windows import batch_indices
 from llm.errors import LLMError
-from llm.io import atomic_path, sha256_file, write_json
+from llm.io import sha256_file, write_json
 from llm.lora import parameter_report
+from llm.reports import write_classifier_reports
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
-from llm.training import TrainConfig, train
+from llm.training import PER_EPOCH_FIELDS, TrainConfig, per_epoch, train
 from stages.common import params_section, run
 
 STAGE = "finetune_classifier"
@@ -64,7 +57,6 @@ METRICS_FILE = Path("metrics") / f"{STAGE}.json"
 CONFUSION_CSV = Path("plots") / f"{STAGE}_confusion.csv"  # beside plots/<stage>/, whose CSVs are step series
 REPORT_DIR = Path("reports") / STAGE
 CHECKPOINTS = Path("checkpoints") / STAGE
-DERIVED = ("max_steps", "eval_every", "checkpoint_every", "best_metric", "restore_best")  # set from `epochs`
 
 
 @dataclass(frozen=True)
@@ -90,30 +82,14 @@ class FinetuneClassifierParams:
 
 
 def train_config(params: FinetuneClassifierParams, n_train: int) -> TrainConfig:
-    """The engine's config: evaluation and a checkpoint every epoch, best weights (by val loss) restored."""
-    fixed = [key for key in DERIVED if key in params.train]
+    """The engine's config: `params.train` scheduled in epochs (llm.training.per_epoch)."""
+    fixed = [key for key in PER_EPOCH_FIELDS if key in params.train]
     if fixed:
         raise LLMError(f"params.yaml:{STAGE}.train.{fixed[0]} is set by the stage (from epochs); remove it")
     if params.epochs <= 0:
         raise LLMError(f"params.yaml:{STAGE}.epochs must be a positive integer, got {params.epochs}")
     config = from_mapping(TrainConfig, params.train, where=f"params.yaml:{STAGE}.train")
-    steps_per_epoch = math.ceil(n_train / (config.batch_size * config.grad_accum))
-    return dataclasses.replace(
-        config,
-        max_steps=params.epochs * steps_per_epoch,
-        eval_every=steps_per_epoch,
-        checkpoint_every=steps_per_epoch,
-        best_metric="val_loss",
-        restore_best=True,
-    )
-
-
-def batches(dataset: ClassificationDataset, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    """The dataset in order, as (ids, lengths, labels) batches."""
-    return [
-        tuple(collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]))
-        for i in range(0, len(dataset), batch_size)
-    ]
+    return per_epoch(config, params.epochs, n_train)
 
 
 def main() -> None:
@@ -142,20 +118,6 @@ def main() -> None:
         + (f"; skipped {len(parsed.skipped)} bad rows" if parsed.skipped else "")
     )
 
-    def train_batch(i: int) -> tuple[torch.Tensor, ...]:
-        picked = batch_indices(len(data["train"]), config.batch_size, i, seed=config.seed)
-        return tuple(collate([data["train"][int(j)] for j in picked]))
-
-    val_batches = batches(data["val"], params.eval_batch_size)
-
-    def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        labels, probs = predict_proba(net, val_batches)
-        picked = probs[np.arange(len(labels)), labels]
-        return {
-            "val_loss": float(-np.log(np.maximum(picked, 1e-12)).mean()),
-            "val_accuracy": float((probs.argmax(1) == labels).mean()),
-        }
-
     with Tracker(STAGE, upstream=("pretrain",)) as tracker:
         tracker.log_params(
             {
@@ -168,21 +130,30 @@ def main() -> None:
         )
         result = train(
             model,
-            train_batch,
+            lambda i: data["train"].batch(batch_indices(len(data["train"]), config.batch_size, i, seed=config.seed)),
             config,
             loss_fn=classification_loss,
-            evaluate=evaluate,
+            evaluate=classification_evaluator(data["val"].batches(params.eval_batch_size)),
             checkpoint_dir=checkpoints,
             tracker=tracker,
         )
         model = model.cpu().eval()
         save_classifier(model, OUT_DIR, BASE_DIR)
-        scores: dict[str, Any] = {}
-        for name, dataset in data.items():
-            labels, probs = predict_proba(model, batches(dataset, params.eval_batch_size))
-            scores[name] = {**classification_metrics(labels, probs), "n": len(labels)}
-            if name == "test":
-                write_test_reports(dataset.examples, labels, probs, params.classifier.labels, tracker)
+        predictions = {name: predict_proba(model, ds.batches(params.eval_batch_size)) for name, ds in data.items()}
+        scores: dict[str, Any] = {
+            name: {**classification_metrics(labels, probs), "n": len(labels)}
+            for name, (labels, probs) in predictions.items()
+        }
+        misclassified, confusion_figure = write_classifier_reports(
+            data["test"].examples,
+            *predictions["test"],
+            scores["test"]["confusion"],
+            params.classifier.labels,
+            confusion_csv=CONFUSION_CSV,
+            report_dir=REPORT_DIR,
+        )
+        tracker.log_artifact(misclassified, "reports")
+        tracker.log_artifact(confusion_figure, "plots")
         training = {
             "method": params.classifier.method,
             "seconds": result.state.seconds,
@@ -207,46 +178,6 @@ def main() -> None:
         f"test accuracy {test['accuracy']:.2%}, F1 {test['f1']:.4f}, ROC-AUC {test['roc_auc']:.4f} "
         f"({training['seconds']:.0f} s training); wrote {OUT_DIR}/ and {METRICS_FILE}"
     )
-
-
-def write_test_reports(
-    examples: list[Example], labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...], tracker: Tracker
-) -> None:
-    """The confusion CSV (actual,predicted per message, for DVC's confusion template), the misclassified messages
-    and a confusion-matrix figure (also logged to MLflow)."""
-    predicted = probs.argmax(axis=1)
-    with atomic_path(CONFUSION_CSV) as tmp:
-        tmp.write_text(
-            "actual,predicted\n" + "".join(f"{names[a]},{names[p]}\n" for a, p in zip(labels, predicted, strict=True))
-        )
-    wrong = [
-        {"line": e.line, "actual": names[a], "predicted": names[p], "probability": float(probs[i, p]), "text": e.text}
-        for i, (e, a, p) in enumerate(zip(examples, labels, predicted, strict=True))
-        if a != p
-    ]
-    write_json(REPORT_DIR / "misclassified.json", wrong)
-    figure_path = REPORT_DIR / "confusion.png"
-    with atomic_path(figure_path) as tmp:
-        confusion_figure(classification_metrics(labels, probs)["confusion"], names).savefig(tmp, format="png")
-    tracker.log_artifact(REPORT_DIR / "misclassified.json", "reports")
-    tracker.log_artifact(figure_path, "plots")
-
-
-def confusion_figure(confusion: list[list[int]], names: tuple[str, ...]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4, 3.5), dpi=100)
-    axes = figure.add_subplot()
-    axes.imshow(np.array(confusion), cmap="Blues")
-    for (row, col), count in np.ndenumerate(np.array(confusion)):
-        axes.text(col, row, str(count), ha="center", va="center")
-    axes.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names)
-    axes.set(xlabel="predicted", ylabel="actual", title="test confusion matrix")
-    figure.tight_layout()
-    return figure
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ quoting joins lines between unbalanced quotes and loses two of the 5,574 SMS mes
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -147,6 +147,14 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         return self.ids[i], self.examples[i].label
+
+    def batch(self, indices: Iterable[int]) -> ClassificationBatch:
+        """The examples at `indices` (any integer type, e.g. a numpy array), collated in that order."""
+        return collate([self[int(i)] for i in indices])
+
+    def batches(self, batch_size: int) -> list[ClassificationBatch]:
+        """The whole dataset in order, as batches of `batch_size` examples (the last one may be smaller)."""
+        return [self.batch(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
 
 
 class ClassificationBatch(NamedTuple):

@@ -1,4 +1,5 @@
-"""Instruction data (Alpaca style): validated entries, the prompt format, a seeded split and the training collate.
+"""Instruction data (Alpaca style): validated entries, the prompt format, a seeded split, the training collate
+and the saved responses to the test entries.
 
 An entry is `{"instruction": str, "input": str, "output": str}`; instruction and output must be non-empty.
 The prompt of an entry is everything the model sees before it answers (ending in `### Response:\\n`);
@@ -92,6 +93,20 @@ def load_instructions(path: str | Path) -> list[Instruction]:
     except json.JSONDecodeError as err:
         raise LLMError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     return parse_entries(data, str(path))
+
+
+def read_responses(path: str | Path, test: Sequence[Instruction]) -> list[str]:
+    """The responses to the `test` entries saved at `path`: a JSON list of one object per entry, in order, holding
+    (at least) its "instruction", "input" and "response". An unreadable file, or one saved for other entries (a
+    stale file), is an LLMError."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise LLMError(f"cannot read {path} ({err}); run: dvc repro finetune_instructions") from err
+    if [(r["instruction"], r["input"]) for r in rows] != [(e.instruction, e.input) for e in test]:
+        raise LLMError(f"{path} does not match the test split; run: dvc repro finetune_instructions")
+    return [r["response"] for r in rows]
 
 
 def split_entries(
