@@ -27,6 +27,14 @@ WEIGHTS_FILE = "model.safetensors"
 PathLike = str | os.PathLike[str]
 
 
+def provenance(stage: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The `training` entry of a trained model's config.json: the stage and its `summary` (steps, epochs, best
+    loss, ...) without wall times, throughput or run ids, so the same weights always come with the same bytes
+    (a rerun that reproduces them leaves DVC's downstream stages up to date). Timings live in the metrics."""
+    volatile = ("seconds", "per_s", "run_id")
+    return {"training": {"stage": stage, **{k: v for k, v in summary.items() if not any(w in k for w in volatile)}}}
+
+
 def save_model(model: GPT, directory: PathLike, *, extra: Mapping[str, Any] | None = None) -> None:
     """Write `model` to `directory` (created if needed): weights first, then config.json.
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from llm.checkpoint import WEIGHTS_FILE, load_model, save_model
+from llm.checkpoint import WEIGHTS_FILE, load_model, provenance, save_model
 from llm.classifier import LoRAConfig
 from llm.data.instructions import (
     Example,
@@ -164,7 +164,7 @@ def main() -> None:
             "best_val_loss": result.state.best,
             "trainable_params": sizes["trainable"],
         }
-        save_model(model, INSTRUCT_DIR, extra={"training": {"stage": STAGE, "run_id": tracker.run_id, **summary}})
+        save_model(model, INSTRUCT_DIR, extra=provenance(STAGE, summary))
         responses = respond(model, splits["test"], tokenizer, params.generation, batch_size=params.response_batch_size)
         rows = [
             {"instruction": e.instruction, "input": e.input, "reference": e.output, "response": r}

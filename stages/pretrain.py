@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm.checkpoint import read_json, save_model
+from llm.checkpoint import provenance, read_json, save_model
 from llm.config import get_preset
 from llm.data.windows import TokenWindows, batch_indices
 from llm.errors import LLMError
@@ -141,7 +141,7 @@ def main() -> None:
             "best_step": result.state.best_step,
             "n_params": model.num_parameters(),
         }
-        save_model(model, OUT, extra={"training": {"stage": "pretrain", "run_id": tracker.run_id, **summary}})
+        save_model(model, OUT, extra=provenance("pretrain", summary))
         tracker.log_metrics({**summary, "wall_seconds": time.perf_counter() - started})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     shown = ("loss", "val_loss", "val_ppl", "avg_tokens_per_s", "wall_seconds")

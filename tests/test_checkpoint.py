@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.checkpoint import load_model, read_config, save_model
+from llm.checkpoint import load_model, provenance, read_config, save_model
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.model import GPT
@@ -89,3 +89,8 @@ def test_config_weight_mismatch(tmp_path: Path) -> None:
 def test_reserved_extra_key(tmp_path: Path) -> None:
     with pytest.raises(LLMError, match=r"reserved"):
         save_model(tiny(), tmp_path, extra={"model": {}})
+
+
+def test_provenance_keeps_what_made_the_model_but_no_timings_or_run_ids() -> None:
+    summary = {"steps": 10, "epochs": 1.5, "train_seconds": 3.2, "avg_tokens_per_s": 900.0, "run_id": "abc"}
+    assert provenance("pretrain", summary) == {"training": {"stage": "pretrain", "steps": 10, "epochs": 1.5}}
