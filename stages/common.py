@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from llm.allocator import reexec_with_best_allocator
 from llm.config import from_mapping, suggest
 from llm.errors import LLMError
 
@@ -58,9 +57,8 @@ def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main` under the best memory allocator available (the process re-executes itself once to
-    preload it); an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
-    reexec_with_best_allocator()
+    """Run a stage's `main` (already under the best memory allocator: see stages/__init__.py); an LLMError becomes
+    one line on stderr and exit status 1 (no traceback)."""
     try:
         main()
     except LLMError as err:

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from llm.allocator import find_allocator
 
@@ -38,3 +39,29 @@ def test_opt_out_keeps_system_malloc() -> None:
     out = _run(LLM_ALLOCATOR="system")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:2] == ["system", "system"] and out.stderr == ""
+
+
+def test_a_stage_re_executes_before_its_heavy_imports(tmp_path: Path) -> None:
+    """`python -m stages.<name>` switches allocator while importing the `stages` package, before the stage module
+    (and torch) is imported; the stage then runs in the new process (here it stops: no params.yaml)."""
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_ALLOCATOR", "LD_PRELOAD", "MALLOC_CONF")}
+    env["PYTHONPATH"] = str(repo)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "stages.pretrain"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "error: params.yaml not found" in out.stderr
+    if find_allocator() is not None:
+        before, _, after = out.stderr.partition("allocator: ")
+        assert after and "| torch\n" not in before  # torch is first imported after the re-exec
+        assert "| torch\n" in after
+    imported = subprocess.run(
+        [sys.executable, "-c", "import stages; print('imported')"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert imported.stdout == "imported\n" and "allocator" not in imported.stderr  # only `-m stages.<name>` switches
