@@ -6,7 +6,8 @@ shape with random weights (speed does not depend on them). Ours goes through `ll
 book's `generate_text_simple` loop (no cache). tokens/s = new tokens / wall time of the whole call.
 
     python bench/generate.py
-    python bench/generate.py --contenders ours@best,hf@system --dtype bf16
+    python bench/generate.py --contenders ours@best,hf@system --dtype bfloat16
+    python bench/generate.py --prompt-tokens 256        # a long prompt: the uncached path recomputes more
 
 A contender is `<name>@<allocator>`: names ours, ours-nocache, hf, book; allocators as in bench/harness.py.
 """
@@ -103,7 +104,9 @@ def worker() -> None:
             state["generate"] = _generator(request["name"], config, getattr(torch, request["dtype"]))
             from llm.tokenizer import get_tokenizer
 
-            state["prompt"] = get_tokenizer().encode(PROMPT)
+            prompt = get_tokenizer().encode(PROMPT)
+            length = request["prompt_tokens"] or len(prompt)
+            state["prompt"] = (prompt * (length // len(prompt) + 1))[:length]  # the prompt repeated to `length`
             return harness.process_info()
         if request["op"] == "run":
             start = time.perf_counter()
@@ -124,6 +127,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="gpt2", help="model shape (default %(default)s)")
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS, help="comma-separated NAME@ALLOCATOR")
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per call (default 200)")
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="prompt length (default: the 4-token PROMPT)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default %(default)s)")
     parser.add_argument("--threads", type=int, default=harness.default_threads(), help="torch threads everywhere")
@@ -142,15 +146,23 @@ def main() -> None:
         if contender.partition("@")[0] not in NAMES:
             raise SystemExit(f"unknown contender {contender!r}; names: {', '.join(NAMES)}")
     info = harness.machine_info()
-    print(f"# Generation: {args.preset}, {args.dtype}, batch 1, {args.new_tokens} new tokens, {args.threads} threads\n")
+    prompt = f"{args.prompt_tokens}-token prompt" if args.prompt_tokens else "4-token prompt"
+    print(
+        f"# Generation: {args.preset}, {args.dtype}, batch 1, {prompt}, {args.new_tokens} new tokens, "
+        f"{args.threads} threads\n"
+    )
     harness.print_machine(info)
+    ceiling = weight_streaming_ceiling(args.preset, getattr(torch, args.dtype), args.threads)
+    print(f"weight-streaming ceiling for cached decoding: {ceiling['tokens_per_s']:.1f} tokens/s "
+          f"({ceiling['gb_per_s']:.1f} GB/s: every linear layer's weights read once per token as a matrix-vector "
+          f"product, best of 5)")  # fmt: skip
     workers = {c: harness.Worker(__file__, c, c.partition("@")[2] or "inherit") for c in contenders}
-    results: dict[str, Any] = {"machine": info, "contenders": {}}
+    results: dict[str, Any] = {"machine": info, "ceiling": ceiling, "contenders": {}}
     try:
         for contender, w in workers.items():
             reply = w.call(
                 op="setup", name=contender.partition("@")[0], preset=args.preset, dtype=args.dtype,
-                seed=args.seed, threads=args.threads,
+                seed=args.seed, threads=args.threads, prompt_tokens=args.prompt_tokens,
             )  # fmt: skip
             warm = w.call(op="run", new_tokens=min(args.new_tokens, 20))
             results["contenders"][contender] = {"process": reply, "warmup_s": warm["seconds"], "runs": []}
@@ -170,6 +182,26 @@ def main() -> None:
     results["load_after"] = os.getloadavg()
     report(results)
     harness.write_json(args.json, results)
+
+
+def weight_streaming_ceiling(preset: str, dtype: torch.dtype, threads: int) -> dict[str, float]:
+    """The fastest batch-1 decoding can be when it is limited by memory bandwidth: tokens/s if a token cost only
+    one matrix-vector product per linear layer (attention blocks and the output layer; GPT-2 weights ~500 MB
+    in fp32), and the bandwidth that implies in GB/s."""
+    from llm.model import GPT
+
+    torch.set_num_threads(threads)
+    weights = [m.weight for m in GPT(get_preset(preset)).to(dtype).modules() if isinstance(m, torch.nn.Linear)]
+    vectors = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(5):
+            start = time.perf_counter()
+            for w, v in zip(weights, vectors, strict=True):
+                torch.nn.functional.linear(v, w)
+            best = min(best, time.perf_counter() - start)
+    size = sum(w.numel() * w.element_size() for w in weights)
+    return {"tokens_per_s": 1 / best, "gb_per_s": size / best / 1e9}
 
 
 def report(results: dict[str, Any]) -> None:
