@@ -80,7 +80,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """Tracks one run of stage `stage`: use as a context manager (or call `close`).
+    """Tracks one run of stage `stage`: use as a context manager (or call `close`). From construction to close,
+    SIGTERM raises `Interrupted` (the run then ends KILLED, never RUNNING).
 
     root: repository root the DVC files are written under (default: the working directory, where stages run).
     upstream: stages whose `runs/<name>.json` run ids are logged as params `upstream.<name>.run_id`.
@@ -112,14 +113,20 @@ class Tracker:
         self._previous_handler: Any = None
         if mlflow is None:
             mlflow = os.environ.get(MLFLOW_SWITCH_ENV, "on").lower() not in ("0", "off", "false", "no")
-        if mlflow:
-            try:
-                self._start()
-            except Exception as err:
-                self._disable(err)
-        self.log_params(
-            {f"upstream.{name}.run_id": run_id for name in upstream if (run_id := _run_id(self.root, name))}
-        )
+        if threading.current_thread() is threading.main_thread():  # before the run exists: it can always be ended
+            self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            if mlflow:
+                try:
+                    self._start()
+                except Exception as err:
+                    self._disable(err)
+            self.log_params(
+                {f"upstream.{name}.run_id": run_id for name in upstream if (run_id := _run_id(self.root, name))}
+            )
+        except BaseException as err:
+            self.close("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
+            raise
 
     # -- logging ------------------------------------------------------------------------------------------------
 
@@ -166,10 +173,16 @@ class Tracker:
         self._mlflow(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def close(self, status: str = "FINISHED") -> None:
-        """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED)."""
+        """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED).
+
+        SIGTERM is ignored while the run ends (a late signal must not leave it RUNNING), then the handler that was
+        installed before the Tracker is restored.
+        """
         if self.status is not None:
             return
         self.status = status
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             self._send_metrics()
             if status == "FINISHED":
@@ -178,15 +191,13 @@ class Tracker:
                 self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
         finally:
             self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
 
     def __enter__(self) -> Tracker:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
         killed = isinstance(exc, Interrupted | KeyboardInterrupt)
         self.close("FINISHED" if exc is None else "KILLED" if killed else "FAILED")
 
@@ -240,6 +251,8 @@ class Tracker:
             return
         try:
             call()
+        except Interrupted:
+            raise  # a SIGTERM that arrived during the call: the stage stops, the run ends KILLED
         except Exception as err:
             self._disable(err)
 

@@ -130,6 +130,43 @@ def test_sigterm_ends_the_run_killed(store: str, tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_sigterm_while_the_tracker_starts_ends_the_run_killed(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler is installed before the run is created: a SIGTERM right after create_run (here while the
+    upstream run ids are read, still inside the constructor) ends the run KILLED."""
+    import llm.tracking
+
+    def upstream_run_id(root: Path, stage: str) -> str | None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return None
+
+    monkeypatch.setattr(llm.tracking, "_run_id", upstream_run_id)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        Tracker("evaluate", root=tmp_path, upstream=("pretrain",))
+    assert list(runs(store)["status"]) == ["KILLED"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_sigterm_inside_an_mlflow_call_stops_the_stage_and_ends_the_run_killed(store: str, tmp_path: Path) -> None:
+    """A SIGTERM that lands inside an MLflow client call is not mistaken for an MLflow failure (which would
+    disable tracking and leave the run RUNNING): it propagates, and the run ends KILLED."""
+    with pytest.raises(Interrupted), Tracker("pretrain", root=tmp_path) as tracker:
+
+        def interrupted_call(*args: object, **kwargs: object) -> None:
+            raise Interrupted(signal.SIGTERM, "stopped by SIGTERM")
+
+        log_batch = tracker._client.log_batch
+        tracker._client.log_batch = interrupted_call
+        try:
+            tracker.log_params({"lr": 0.1})
+        finally:
+            tracker._client.log_batch = log_batch
+    assert list(runs(store)["status"]) == ["KILLED"]
+
+
 def test_child_of_a_pipeline_parent_run(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Tracker("parent", root=tmp_path) as parent:
         monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)  # type: ignore[arg-type]
