@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -117,10 +117,11 @@ class Tracker:
             self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             if mlflow:
-                try:
-                    self._start()
-                except Exception as err:
-                    self._disable(err)
+                with _sigterm_held_back():  # MLflow start-up takes seconds and would swallow the signal
+                    try:
+                        self._start()
+                    except Exception as err:
+                        self._disable(err)
             self.log_params(
                 {f"upstream.{name}.run_id": run_id for name in upstream if (run_id := _run_id(self.root, name))}
             )
@@ -249,12 +250,13 @@ class Tracker:
         """Run an MLflow call; on the first failure warn once and continue without MLflow."""
         if self._client is None:
             return
-        try:
-            call()
-        except Interrupted:
-            raise  # a SIGTERM that arrived during the call: the stage stops, the run ends KILLED
-        except Exception as err:
-            self._disable(err)
+        with _sigterm_held_back():  # a SIGTERM during the call is delivered after it, never mistaken for its error
+            try:
+                call()
+            except Interrupted:
+                raise
+            except Exception as err:
+                self._disable(err)
 
     def _disable(self, err: Exception) -> None:
         print(
@@ -279,6 +281,24 @@ class Tracker:
         axes.grid(alpha=0.3)
         axes.legend()
         return figure
+
+
+@contextlib.contextmanager
+def _sigterm_held_back() -> Iterator[None]:
+    """Within the block a SIGTERM is only recorded; when the block ends it raises `Interrupted` (unless SIGTERM
+    was being ignored). Main thread only (elsewhere a no-op). Signal masks would not do: torch's worker threads
+    would take the signal instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if arrived and previous is not signal.SIG_IGN:
+        raise Interrupted(signal.SIGTERM, "stopped by SIGTERM")
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
