@@ -176,22 +176,25 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED).
 
-        SIGTERM is ignored while the run ends (a late signal must not leave it RUNNING), then the handler that was
-        installed before the Tracker is restored.
+        A SIGTERM that arrives meanwhile is held back until the run has ended, then raised as `Interrupted`
+        (so the stage still stops with an error); then the handler installed before the Tracker is restored.
         """
         if self.status is not None:
             return
         self.status = status
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            self._send_metrics()
-            if status == "FINISHED":
-                self._write_dvc_files()
-            if self._client is not None and any(key.endswith("loss") for key in self.series):
-                self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
+            with _sigterm_held_back():
+                try:
+                    self._send_metrics()
+                    if status == "FINISHED":
+                        self._write_dvc_files()
+                    if self._client is not None and any(key.endswith("loss") for key in self.series):
+                        self._mlflow(
+                            lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png")
+                        )
+                finally:
+                    self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
         finally:
-            self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
 
@@ -285,9 +288,9 @@ class Tracker:
 
 @contextlib.contextmanager
 def _sigterm_held_back() -> Iterator[None]:
-    """Within the block a SIGTERM is only recorded; when the block ends it raises `Interrupted` (unless SIGTERM
-    was being ignored). Main thread only (elsewhere a no-op). Signal masks would not do: torch's worker threads
-    would take the signal instead."""
+    """Within the block a SIGTERM is only recorded; when the block ends it goes to the handler the block replaced
+    (ours raises `Interrupted`; an enclosing block records it in turn). Main thread only (elsewhere a no-op).
+    Signal masks would not do: torch's worker threads would take the signal instead."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -297,8 +300,10 @@ def _sigterm_held_back() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if arrived and previous is not signal.SIG_IGN:
-        raise Interrupted(signal.SIGTERM, "stopped by SIGTERM")
+    if arrived and callable(previous):
+        previous(signal.SIGTERM, None)
+    elif arrived and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:

@@ -167,6 +167,27 @@ def test_sigterm_inside_an_mlflow_call_stops_the_stage_and_ends_the_run_killed(s
     assert list(runs(store)["status"]) == ["KILLED"]
 
 
+def test_sigterm_while_the_run_ends_is_raised_after_it_has_ended(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM during close() neither interrupts ending the run nor gets lost: the run ends, then the stage
+    stops with Interrupted (non-zero exit), so DVC never records a stage that was told to stop."""
+    write_dvc_files = Tracker._write_dvc_files
+
+    def slow_write(self: Tracker) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the signal arrives here; it must wait until the run has ended
+        write_dvc_files(self)
+
+    monkeypatch.setattr(Tracker, "_write_dvc_files", slow_write)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="SIGTERM"), Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 1)
+    assert list(runs(store)["status"]) == ["FINISHED"]
+    assert (tmp_path / "metrics" / "pretrain.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_child_of_a_pipeline_parent_run(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Tracker("parent", root=tmp_path) as parent:
         monkeypatch.setenv(PARENT_RUN_ENV, parent.run_id)  # type: ignore[arg-type]
