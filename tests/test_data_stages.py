@@ -29,11 +29,14 @@ OUTPUTS = ("data/raw", "data/tokens", "data/windows")
 UNREACHABLE = "https://127.0.0.1:9/nothing-here"
 
 
-def make_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLM_DATA_MIRROR"}
+def make_env(tmp: Path, code: Path = ROOT, **extra: str) -> dict[str, str]:
+    """The environment of a stage or DVC run in a temporary repo: this venv's `python`, the `llm` package from
+    `code`, a git identity, DVC without analytics; nothing inherited that points at a mirror, MLflow or DVC."""
+    inherited = ("LLM_DATA_MIRROR", "LLM_MLFLOW", "MLFLOW_", "DVC_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in dvc.yaml is this venv's
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=str(code),
         DVC_NO_ANALYTICS="1",
         DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
         GIT_AUTHOR_NAME="Test",

@@ -6,7 +6,6 @@ tracked stage, each a child of the pipeline's parent run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_data_stages import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,19 +71,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> tupl
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LLM_MLFLOW", "DVC_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONPATH=str(repo),
-        LLM_DATA_MIRROR=str(mirror),
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
-        GIT_AUTHOR_NAME="Test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="Test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-    )
+    env = make_env(tmp, code=repo, LLM_DATA_MIRROR=str(mirror), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
     sh("git", "init", "-q", cwd=repo, env=env)
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "commit", "-q", "-m", "smoke", cwd=repo, env=env)

@@ -183,15 +183,14 @@ def _signal(pid: int, signum: int) -> bool:
 
 
 def fault_env(tmp: Path, mirror: Path, repo: Path) -> dict[str, str]:
-    env = make_env(
+    return make_env(
         tmp,
+        code=repo,  # the copy's llm package, not the checkout's
         LLM_DATA_MIRROR=str(mirror),
         LLM_ALLOCATOR="system",  # no allocator re-exec: one interpreter start per stage (CPU budget)
         LLM_MLFLOW="off",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )
-    env["PYTHONPATH"] = str(repo)  # the copy's llm package, not the checkout's
-    return env
 
 
 def make_repo(repo: Path, env: dict[str, str]) -> list[str]:
