@@ -26,6 +26,7 @@ from stages.finetune_instructions import (
     RANKS_FILE,
     RESPONSES,
     InstructParams,
+    example_limit,
     instruction_splits,
     val_batches,
 )
@@ -71,7 +72,8 @@ def main() -> None:
         tracker.log_params({"evaluate": dataclasses.asdict(config), "examples": {"test": len(test), "val": len(val)}})
         tokens = heldout_tokens(HELDOUT_DIR, tokenizer, config.heldout_max_tokens)
         held = perplexity(base, tokens, batch_size=config.batch_size)
-        val_loss = mean_loss(instruct, val_batches(encode(val, tokenizer), tuning, instruct.config.context_length))
+        limit = example_limit(tuning, instruct.config.context_length)
+        val_loss = mean_loss(instruct, val_batches(encode(val, tokenizer), tuning, limit))
         responses["base"] = respond(base, test, tokenizer, tuning.generation, batch_size=tuning.response_batch_size)
         rouge = {
             name: [rouge_l_f1(r, e.output) for r, e in zip(responses[name], test, strict=True)]

@@ -77,15 +77,19 @@ def instruction_splits(params: InstructParams) -> dict[str, list[Instruction]]:
     return split_entries(load_instructions(DATA_FILE), params.split_seed)
 
 
-def val_batches(
-    examples: list[Example], params: InstructParams, max_length: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`examples` in order, collated as in training, `params.eval_batch_size` per batch."""
+def example_limit(params: InstructParams, context_length: int) -> int:
+    """Tokens kept per example: `allowed_max_length`, at most the model's context (0 = the whole context)."""
+    return min(params.allowed_max_length or context_length, context_length)
+
+
+def val_batches(examples: list[Example], params: InstructParams, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The `examples` that keep a target within `limit` tokens (see `trainable`), in order, collated as in
+    training, `params.eval_batch_size` per batch: the val loss of this stage and of `evaluate` alike."""
+    kept = trainable(examples, limit, mask_prompt=params.mask_prompt)
     size = params.eval_batch_size
-    limit = min(params.allowed_max_length or max_length, max_length)
     return [
-        collate(examples[i : i + size], mask_prompt=params.mask_prompt, allowed_max_length=limit)
-        for i in range(0, len(examples), size)
+        collate(kept[i : i + size], mask_prompt=params.mask_prompt, allowed_max_length=limit)
+        for i in range(0, len(kept), size)
     ]
 
 
@@ -95,8 +99,7 @@ def main() -> None:
     splits = instruction_splits(params)
     tokenizer = get_tokenizer(RANKS_FILE if RANKS_FILE.is_file() else None)
     model = load_model(BASE_DIR)
-    context = model.config.context_length
-    limit = min(params.allowed_max_length or context, context)
+    limit = example_limit(params, model.config.context_length)
     encoded = {name: encode(splits[name], tokenizer) for name in ("train", "val")}
     train_set, val_set = (trainable(encoded[name], limit, mask_prompt=params.mask_prompt) for name in ("train", "val"))
     dropped = {name: len(encoded[name]) - len(kept) for name, kept in (("train", train_set), ("val", val_set))}
@@ -115,7 +118,7 @@ def main() -> None:
         picked = batch_indices(len(train_set), params.batch_size, i, seed=params.seed)
         return collate([train_set[j] for j in picked], mask_prompt=params.mask_prompt, allowed_max_length=limit)
 
-    evaluation = val_batches(val_set, params, context)
+    evaluation = val_batches(val_set, params, limit)
     probe = splits["val"][0]
     settings = dataclasses.replace(params.generation, max_new_tokens=min(params.generation.max_new_tokens, 32))
 
