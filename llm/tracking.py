@@ -256,8 +256,6 @@ class Tracker:
         with _sigterm_held_back():  # a SIGTERM during the call is delivered after it, never mistaken for its error
             try:
                 call()
-            except Interrupted:
-                raise
             except Exception as err:
                 self._disable(err)
 

@@ -152,19 +152,19 @@ def test_sigterm_while_the_tracker_starts_ends_the_run_killed(
 
 def test_sigterm_inside_an_mlflow_call_stops_the_stage_and_ends_the_run_killed(store: str, tmp_path: Path) -> None:
     """A SIGTERM that lands inside an MLflow client call is not mistaken for an MLflow failure (which would
-    disable tracking and leave the run RUNNING): it propagates, and the run ends KILLED."""
-    with pytest.raises(Interrupted), Tracker("pretrain", root=tmp_path) as tracker:
+    disable tracking and leave the run RUNNING): the call completes, then Interrupted stops the stage, KILLED."""
+    with pytest.raises(Interrupted, match="SIGTERM"), Tracker("pretrain", root=tmp_path) as tracker:
+        log_batch = tracker._client.log_batch
 
         def interrupted_call(*args: object, **kwargs: object) -> None:
-            raise Interrupted(signal.SIGTERM, "stopped by SIGTERM")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the signal arrives while the call runs
+            log_batch(*args, **kwargs)
 
-        log_batch = tracker._client.log_batch
         tracker._client.log_batch = interrupted_call
-        try:
-            tracker.log_params({"lr": 0.1})
-        finally:
-            tracker._client.log_batch = log_batch
-    assert list(runs(store)["status"]) == ["KILLED"]
+        tracker.log_params({"lr": 0.1})
+    frame = runs(store)
+    assert list(frame["status"]) == ["KILLED"] and list(frame["params.lr"]) == ["0.1"]
 
 
 def test_sigterm_while_the_run_ends_is_raised_after_it_has_ended(
