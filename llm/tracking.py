@@ -184,17 +184,13 @@ class Tracker:
         self.status = status
         try:
             with _sigterm_held_back():
-                try:
-                    self._send_metrics()
-                    if status == "FINISHED":
-                        self._write_dvc_files()
-                    if self._client is not None and any(key.endswith("loss") for key in self.series):
-                        self._mlflow(
-                            lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png")
-                        )
-                finally:
-                    self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
-        finally:
+                self._send_metrics()
+                if status == "FINISHED":
+                    self._write_dvc_files()
+                if self._client is not None and any(key.endswith("loss") for key in self.series):
+                    self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
+        finally:  # also when a signal struck before the hold began: the run is always ended
+            self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
 
