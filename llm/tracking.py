@@ -108,7 +108,8 @@ class Tracker:
         self.run_id: str | None = None
         self.uri = uri or tracking_uri(self.root)
         self.experiment_id: str | None = None
-        self._client: Any = None
+        self._client: Any = None  # None once tracking is off (never started, or a call failed)
+        self._run_client: Any = None  # the client that created the run: it also ends it
         self._pending: list[Any] = []
         self._previous_handler: Any = None
         if mlflow is None:
@@ -176,8 +177,9 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED).
 
-        A SIGTERM that arrives meanwhile is held back until the run has ended, then raised as `Interrupted`
-        (so the stage still stops with an error); then the handler installed before the Tracker is restored.
+        A SIGTERM that arrives meanwhile is held back until the run's last records are sent, then raised as
+        `Interrupted` (so the stage still stops with an error) and the run ends KILLED; then the handler installed
+        before the Tracker is restored.
         """
         if self.status is not None:
             return
@@ -188,9 +190,15 @@ class Tracker:
                 if status == "FINISHED":
                     self._write_dvc_files()
                 if self._client is not None and any(key.endswith("loss") for key in self.series):
-                    self._mlflow(lambda: self._client.log_figure(self.run_id, self._loss_figure(), "plots/loss.png"))
-        finally:  # also when a signal struck before the hold began: the run is always ended
-            self._mlflow(lambda: self._client.set_terminated(self.run_id, status))
+                    self._log_loss_figure()
+        except (Interrupted, KeyboardInterrupt):  # the stage stops with an error: its run must not say FINISHED
+            self.status = "KILLED"
+            raise
+        finally:  # a run that exists is always ended: also when a signal struck before the hold began, or after
+            # a failed call switched tracking off (a store that is still down costs one more attempt)
+            if self.run_id is not None:
+                self._client = self._run_client
+                self._mlflow(lambda: self._client.set_terminated(self.run_id, self.status))
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
 
@@ -227,6 +235,7 @@ class Tracker:
         run_name = f"{self.stage} ({exp_name})" if exp_name else self.stage
         run = client.create_run(experiment.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment.experiment_id
+        self._run_client = client
 
     def _write_dvc_files(self) -> None:
         """metrics/<stage>.json, plots/<stage>/<metric>.csv and runs/<stage>.json, each written atomically."""
@@ -262,6 +271,15 @@ class Tracker:
             file=sys.stderr,
         )
         self._client, self._pending = None, []
+
+    def _log_loss_figure(self) -> None:
+        """The loss curves as plots/loss.png; a failure to draw them (our side, not MLflow's) only skips the figure."""
+        try:
+            figure = self._loss_figure()
+        except Exception as err:
+            print(f"warning: no loss figure for MLflow ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
+            return
+        self._mlflow(lambda: self._client.log_figure(self.run_id, figure, "plots/loss.png"))
 
     def _loss_figure(self) -> Any:
         import matplotlib

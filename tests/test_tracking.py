@@ -170,8 +170,9 @@ def test_sigterm_inside_an_mlflow_call_stops_the_stage_and_ends_the_run_killed(s
 def test_sigterm_while_the_run_ends_is_raised_after_it_has_ended(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A SIGTERM during close() neither interrupts ending the run nor gets lost: the run ends, then the stage
-    stops with Interrupted (non-zero exit), so DVC never records a stage that was told to stop."""
+    """A SIGTERM during close() neither interrupts ending the run nor gets lost: the run ends KILLED (not
+    FINISHED: the stage was told to stop), then the stage stops with Interrupted (non-zero exit), so DVC never
+    records it."""
     write_dvc_files = Tracker._write_dvc_files
 
     def slow_write(self: Tracker) -> None:
@@ -183,9 +184,44 @@ def test_sigterm_while_the_run_ends_is_raised_after_it_has_ended(
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted, match="SIGTERM"), Tracker("pretrain", root=tmp_path) as tracker:
         tracker.log_metrics({"loss": 1.0}, 1)
-    assert list(runs(store)["status"]) == ["FINISHED"]
+    assert list(runs(store)["status"]) == ["KILLED"]
     assert (tmp_path / "metrics" / "pretrain.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_loss_figure_that_cannot_be_drawn_is_skipped_not_fatal_to_tracking(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Drawing fails on our side (here as after an interrupted matplotlib import): the figure is skipped with a
+    warning, while the metrics still reach MLflow and the run ends FINISHED."""
+
+    def broken_figure(self: Tracker) -> None:
+        raise AttributeError("module 'matplotlib' has no attribute 'get_data_path'")
+
+    monkeypatch.setattr(Tracker, "_loss_figure", broken_figure)
+    with Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 1.5}, 1)
+    frame = runs(store)
+    assert list(frame["status"]) == ["FINISHED"] and list(frame["metrics.loss"]) == [1.5]
+    assert "no loss figure" in capsys.readouterr().err
+
+
+def test_a_failed_mlflow_call_still_lets_the_run_end(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A call that fails switches tracking off (one warning) but the run it created is still ended: never left
+    RUNNING."""
+    with pytest.raises(Interrupted), Tracker("pretrain", root=tmp_path) as tracker:
+
+        def failing_call(*args: object, **kwargs: object) -> None:
+            raise ConnectionError("store went away")
+
+        tracker._client.log_batch = failing_call
+        tracker.log_params({"lr": 0.1})
+        assert tracker._client is None  # switched off
+        raise Interrupted(signal.SIGTERM, "stopped by SIGTERM")
+    assert list(runs(store)["status"]) == ["KILLED"]
+    assert capsys.readouterr().err.count("store went away") == 1
 
 
 def test_child_of_a_pipeline_parent_run(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,7 +78,8 @@ def check_interrupted(pipeline: Pipeline, stage: str, run: Run, since_ms: int) -
     if pipeline.status(stage) == {}:  # DVC says the stage is complete: then its outputs must all be there
         assert outputs.keys() == pipeline.reference.keys()
     ended = [status for _, status, start in pipeline.mlflow_runs() if start >= since_ms]
-    assert "RUNNING" not in ended, ended  # KILLED or FAILED (FINISHED if the signal came after the run ended)
+    # KILLED or FAILED (FINISHED if the signal came after the run ended)
+    assert "RUNNING" not in ended, f"{ended}\n{run.stderr[-2000:]}"
     saved = re.search(r"checkpoint saved in (\S+);", run.stderr)  # a training stage stopped by SIGTERM
     assert saved is None or (pipeline.repo / saved[1] / "state.pt").is_file(), saved
 
