@@ -31,7 +31,7 @@ import torch
 
 from llm.config import GPTConfig, get_preset
 
-NAMES = ("ours", "ours-nocache", "ours-plainhead", "hf", "book")  # ours-plainhead: ablation without VocabHead's copy
+NAMES = ("ours", "ours-nocache", "ours-noonednn", "hf", "book")  # ours-noonednn: ablation with F.linear only
 DEFAULT_CONTENDERS = "ours@best,ours-nocache@best,hf@system,hf@best"
 PROMPT = "Hello, I am"
 
@@ -45,8 +45,8 @@ def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
         import llm.model
         from llm.generate import generate
 
-        if name == "ours-plainhead":
-            llm.model.DECODE_ROWS = 0
+        if name == "ours-noonednn":
+            llm.model.ONEDNN_LINEAR = False
         model = llm.model.GPT(config).to(dtype).eval()
         cache = name != "ours-nocache"
         return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, use_cache=cache)[0]

@@ -137,16 +137,38 @@ def test_compiled_model_matches_eager_loss_and_gradients(tiny: GPT) -> None:
         torch.testing.assert_close(grad, eager_grads[name.removeprefix("_orig_mod.")], msg=name)
 
 
-def test_decoding_head_uses_a_transposed_copy_that_follows_weight_updates() -> None:
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 1, 64), (2, 5, 64)])
+def test_linear_runs_fp32_inference_through_onednn_with_the_same_result(
+    shape: tuple[int, ...], bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 inference on CPU takes oneDNN's op (counted) and agrees with F.linear, also for a non-contiguous
+    input (the last position of a sequence); with gradients, under autocast or in another dtype it is F.linear."""
+    if not llm.model.ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear op")
     torch.manual_seed(0)
-    model = GPT(get_preset("cpu-tiny", vocab_size=VOCAB, context_length=32))
-    head, h = model.lm_head, torch.randn(2, 1, 64)
+    layer = llm.model.Linear(64, 48, bias=bias)
+    calls: list[int] = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    class Ops:  # torch.ops.mkldnn, with the op counted
+        @staticmethod
+        def _linear_pointwise(*args: object) -> torch.Tensor:
+            calls.append(1)
+            return onednn(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Ops)
+    x = torch.randn(*shape[:-1], 3, shape[-1])[..., -1, :] if len(shape) == 3 else torch.randn(shape)
     with torch.no_grad():
-        first = head(h)
-        torch.testing.assert_close(first, F.linear(h, head.weight))
-        model.tok_emb.weight.mul_(2)  # tied: an in-place update, like an optimizer step
-        torch.testing.assert_close(head(h), 2 * first)
-    assert head(h).requires_grad and head._decode_weight is None  # training uses (and keeps) only the weight
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert len(calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert layer.to(torch.float64)(x.double()).dtype == torch.float64
+        layer.float()
+    out = layer(x)
+    assert out.requires_grad and len(calls) == 1  # training never takes the inference op
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
 
 
 def test_bf16_attention_by_matmuls_matches_the_fused_kernel(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
