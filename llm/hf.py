@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from llm.checkpoint import (
 )
 from llm.config import GPTConfig
 from llm.errors import LLMError
-from llm.io import write_json
+from llm.io import sha256_file, write_json
 from llm.model import GPT
 from llm.tokenizer import EOT_ID
 
@@ -39,6 +40,7 @@ HUB_ORG = "openai-community"
 INDEX_FILE = "model.safetensors.index.json"
 _HF_PREFIX = "transformer."  # GPT2LMHeadModel's body; OpenAI's hub files omit it
 _IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 
 
@@ -115,6 +117,7 @@ def _download(repo: str) -> Path:
 
     def snapshot(local_files_only: bool) -> Path:
         paths = [hf_hub_download(repo, name, local_files_only=local_files_only) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        check_hub_blob(Path(paths[-1]))
         return Path(paths[-1]).parent
 
     try:  # cached files need no network (OpenAI's GPT-2 weights never change)
@@ -126,6 +129,8 @@ def _download(repo: str) -> Path:
     hub_log.setLevel(logging.ERROR)  # one error line below instead of a warning per connection retry
     try:
         return snapshot(local_files_only=False)
+    except LLMError:
+        raise
     except Exception as err:  # the hub raises many types (HTTP, offline, connection, cache errors)
         raise LLMError(
             f"could not download {repo} from the Hugging Face hub ({type(err).__name__}); "
@@ -133,6 +138,25 @@ def _download(repo: str) -> Path:
         ) from err
     finally:
         hub_log.setLevel(level)
+
+
+def check_hub_blob(path: Path) -> None:
+    """Check a file of the Hugging Face cache against the sha256 the hub served it under (every load, cached or not).
+
+    The cache stores a large (LFS) file as `blobs/<sha256 of its content>` and links the snapshot's file to it, so
+    a download that was cut short or altered, or a cache file damaged since, is caught before it is read. This
+    trusts the hub's own hash (fetched over HTTPS); it is not a pin chosen by us (SECURITY.md, finding 1).
+    """
+    blob = path.resolve().name
+    if not _SHA256.fullmatch(blob):  # a cache without symlinks (e.g. on Windows) keeps no hash to check against
+        print(f"warning: {path} is not checked: the Hugging Face cache holds no sha256 for it", file=sys.stderr)
+        return
+    actual = sha256_file(path)
+    if actual != blob:
+        raise LLMError(
+            f"{path} does not match the sha256 the Hugging Face hub gave for it (expected {blob}, got {actual}): "
+            f"delete {path.resolve()} and download again"
+        )
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -166,3 +166,45 @@ def test_export_refuses_a_swapped_head(tmp_path: Path) -> None:
     with pytest.raises(LLMError, match="needs a language-model head"):
         export_hf(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
+    """A Hugging Face cache holding `files` as one snapshot of `repo`, laid out as the hub client writes it: each
+    content in `blobs/<sha256>`, linked from `snapshots/<commit>/<name>`. Returns the weights' blob."""
+    import hashlib
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "blobs").mkdir()
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    blob = folder
+    for name, src in files.items():
+        blob = folder / "blobs" / hashlib.sha256(src.read_bytes()).hexdigest()
+        blob.write_bytes(src.read_bytes())
+        (folder / "snapshots" / commit / name).symlink_to(Path("..", "..", "blobs", blob.name))
+    return blob
+
+
+def test_hub_weights_are_checked_against_the_sha256_the_hub_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpt2` from the (offline) hub cache loads when the weights match the sha256 their blob is named by; a
+    damaged blob stops the load with one error naming the file and both hashes."""
+    import huggingface_hub.constants
+
+    theirs = hf_model("odd")
+    theirs.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved = tmp_path / "saved"
+    blob = hub_cache(
+        tmp_path / "hub",
+        "openai-community/gpt2",
+        {"config.json": saved / "config.json", "model.safetensors": saved / "model.safetensors"},
+    )
+    assert_same_model(load_any("gpt2"), theirs)
+    blob.write_bytes(blob.read_bytes()[:-1] + b" ")  # same size, one byte changed: the size check passes
+    with pytest.raises(LLMError, match=rf"does not match the sha256 .*expected {blob.name}, got [0-9a-f]{{64}}"):
+        load_any("gpt2")
