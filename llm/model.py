@@ -57,7 +57,7 @@ class Linear(nn.Linear):
     """nn.Linear whose fp32 inference on CPU (no autograd, no autocast) runs oneDNN's linear op instead of the
     default GEMM. Batch-1 decoding is bound by reading the weights once per token, and there oneDNN streams them
     about twice as fast (27 against 13 GB/s on our CPUs); with more rows it is 10-25% faster. Training, autocast,
-    other dtypes and other devices use F.linear. Both agree to fp32 rounding.
+    torch.compile, other dtypes and other devices use F.linear. Both agree to fp32 rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,7 @@ class Linear(nn.Linear):
             and x.dtype is w.dtype is torch.float32
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # inductor cannot lower this op; it picks its own kernels
         ):
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)

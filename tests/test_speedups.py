@@ -171,6 +171,17 @@ def test_linear_runs_fp32_inference_through_onednn_with_the_same_result(
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
 
 
+def test_compiled_inference_with_inductor_matches_eager() -> None:
+    """Inductor cannot lower the oneDNN inference op: a compiled model in fp32 inference takes F.linear inside the
+    graph and gives the eager (oneDNN) result."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = llm.model.Linear(64, 48)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer)(x), layer(x))
+
+
 def test_bf16_attention_by_matmuls_matches_the_fused_kernel(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
     def bf16_loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
