@@ -5,8 +5,9 @@ Every contender runs in its own worker process, started under the memory allocat
 rounds: in each round every contender measures once, in a rotated order, so slow drifts of a shared
 machine's load hit every contender alike. Results are medians with min-max over the rounds.
 
-Allocator specs: `system` (glibc malloc, nothing preloaded), `best` (what `llm.allocator` picks for the
-project's stages: jemalloc with memory return disabled, else tcmalloc, else system), `inherit` (the
+Allocator specs: `system` (glibc malloc, nothing preloaded), `best` (the memory set-up of the project's stages,
+from `llm.allocator`: huge pages for torch's buffers, and jemalloc with memory return disabled, else tcmalloc,
+else system), `inherit` (the
 environment this script was started with, e.g. your own `LD_PRELOAD=... MALLOC_CONF=...`), or the path
 of a malloc library to preload.
 """
@@ -27,10 +28,10 @@ from typing import Any
 
 import torch
 
-from llm.allocator import current_allocator, find_allocator
+from llm.allocator import HUGE_PAGES_ENV, current_allocator, find_allocator, huge_pages, kernel_huge_pages
 
 REPO = Path(__file__).resolve().parent.parent
-_MALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "LLM_ALLOCATOR")
+_MALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "LLM_ALLOCATOR", HUGE_PAGES_ENV)
 
 
 def allocator_env(spec: str) -> dict[str, str]:
@@ -42,6 +43,7 @@ def allocator_env(spec: str) -> dict[str, str]:
     if spec == "system":
         return env
     if spec == "best":
+        env[HUGE_PAGES_ENV] = "1"
         found = find_allocator()
         if found is None:
             return env
@@ -98,11 +100,12 @@ def serve(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
 
 
 def process_info() -> dict[str, Any]:
-    """What a worker reports about itself: allocator (read from /proc/self/maps), threads, peak RSS."""
+    """What a worker reports about itself: allocator (read from /proc/self/maps; "+ THP" with huge pages),
+    threads, peak RSS."""
     import resource
 
     return {
-        "allocator": current_allocator(),
+        "allocator": current_allocator() + (" + THP" if huge_pages() == "on" else ""),
         "threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -170,6 +173,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "git": f"{commit}{' (dirty)' if dirty else ''}",
         "allocator_available": (found := find_allocator()) and f"{found[0]} ({found[1]})",
+        "transparent_huge_pages": kernel_huge_pages(),
         "load_avg_1_5_15": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from llm.allocator import request_huge_pages
 from llm.errors import LLMError
 
 Run = Callable[[argparse.Namespace], None]
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm` script; returns the exit status."""
+    request_huge_pages()  # before torch allocates: decoding streams every weight once per token
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,7 +1,8 @@
 """Tracking one stage run: MLflow (params, step metrics, artifacts, tags) and DVC files, behind one interface.
 
 A `Tracker` logs one MLflow run for stage S (experiment `$MLFLOW_EXPERIMENT_NAME`, default "llm"), tagged with
-the stage, the git commit and dirty flag, and the DVC experiment name (`$DVC_EXP_NAME`); with
+the stage, the git commit and dirty flag, the DVC experiment name (`$DVC_EXP_NAME`) and the memory set-up
+(`system.allocator`, `system.huge_pages`: see `llm.allocator`); with
 `$LLM_MLFLOW_PARENT_RUN_ID` set (by a pipeline wrapper) it is a child of that run. When the run finishes it
 writes, under the repository root (a failed or interrupted run leaves the last good run's files alone):
 - `metrics/S.json`: the latest value of every metric (for `dvc metrics show/diff`, `dvc exp show`);
@@ -34,6 +35,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from llm.allocator import memory_tags
 from llm.errors import LLMError
 from llm.io import atomic_path, write_json
 
@@ -229,7 +231,7 @@ class Tracker:
             experiment = client.get_experiment_by_name(name)
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         tags = {"dvc.stage": self.stage, "dvc.exp_name": exp_name, "mlflow.source.name": f"stages.{self.stage}"}
-        tags |= _git_tags(self.root)
+        tags |= _git_tags(self.root) | {f"system.{k}": v for k, v in memory_tags().items()}
         if parent := os.environ.get(PARENT_RUN_ENV):
             tags["mlflow.parentRunId"] = parent
         run_name = f"{self.stage} ({exp_name})" if exp_name else self.stage

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llm.allocator import find_allocator
 
 SCRIPT = """
@@ -65,3 +67,42 @@ def test_a_stage_re_executes_before_its_heavy_imports(tmp_path: Path) -> None:
         [sys.executable, "-c", "import stages; print('imported')"], env=env, capture_output=True, text=True, timeout=60
     )
     assert imported.stdout == "imported\n" and "allocator" not in imported.stderr  # only `-m stages.<name>` switches
+
+
+HUGE_PAGES_SCRIPT = """
+import re
+from pathlib import Path
+from llm.allocator import huge_pages, reexec_with_best_allocator
+reexec_with_best_allocator()
+import torch
+weights = torch.ones(16 * 2**20)  # 64 MB, like a weight matrix
+huge_kb = int(re.search(r"AnonHugePages:\\s+(\\d+)", Path("/proc/self/smaps_rollup").read_text()).group(1))
+print(huge_pages(), huge_kb)
+"""
+
+
+def _thp_mode() -> str | None:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.read_text().split("[")[1].split("]")[0] if path.is_file() else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="needs Linux /proc")
+def test_the_launcher_gives_torch_buffers_huge_pages_unless_opted_out() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_ALLOCATOR", "LD_PRELOAD", "MALLOC_CONF")}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    on = subprocess.run([sys.executable, "-c", HUGE_PAGES_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert on.returncode == 0, on.stderr
+    state, huge_kb = on.stdout.split()
+    if _thp_mode() in ("always", "madvise"):
+        assert state == "on" and int(huge_kb) >= 32 * 1024  # most of the 64 MB buffer sits in 2 MB pages
+    else:
+        assert state == "unavailable"
+    off = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGES_SCRIPT], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert off.returncode == 0, off.stderr
+    state, huge_kb = off.stdout.split()
+    assert state == "off"
+    if _thp_mode() == "madvise":
+        assert int(huge_kb) == 0  # nothing asked for them

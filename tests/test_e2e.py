@@ -16,6 +16,8 @@ import pytest
 import yaml
 from test_data_stages import make_env
 
+from llm.allocator import find_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -118,6 +120,7 @@ def test_one_mlflow_run_per_stage_under_the_parent(pipeline_run: tuple[Path, dic
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     frame = mlflow.search_runs(search_all_experiments=True)
     (parent,) = frame.loc[frame["tags.llm.pipeline"] == "repro", "run_id"]
+    expected_allocator = found[0] if (found := find_allocator()) else "system"
     assert set(frame["status"]) == {"FINISHED"}
     tracked = sorted(p.stem for p in (repo / "runs").glob("*.json"))
     assert {"pretrain", "finetune_classifier", "finetune_instructions", "evaluate"} <= set(tracked)
@@ -126,4 +129,6 @@ def test_one_mlflow_run_per_stage_under_the_parent(pipeline_run: tuple[Path, dic
         assert len(runs) == 1, f"{stage}: {len(runs)} runs"
         assert runs["run_id"].item() == json.loads((repo / "runs" / f"{stage}.json").read_text())["run_id"]
         assert runs["tags.mlflow.parentRunId"].item() == parent
+        assert runs["tags.system.allocator"].item() == expected_allocator  # the launcher's memory set-up
+        assert runs["tags.system.huge_pages"].item() in ("on", "unavailable")  # requested
     assert len(frame) == len(tracked) + 1
