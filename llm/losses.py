@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0)[:, None]
         loss = torch.zeros((), device=h.device, dtype=acc)
         grad_h = torch.empty(x.shape, device=x.device, dtype=acc) if needs[0] else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=acc) if needs[1] else None
+        grad_w = None  # fp32 sum of the chunks' weight gradients, started by the first chunk
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = x[rows] @ w.T  # (n, padded)
@@ -84,8 +84,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = probs.scatter_(1, safe_targets[rows], target_probs - 1).to(dtype)
             if grad_h is not None:
                 grad_h[rows] = (grad @ w) * row_weight[rows]
-            if grad_w is not None:
-                grad_w += grad.T @ (x[rows] * row_weight[rows]).to(dtype)
+            if needs[1]:
+                part = grad.T @ (x[rows] * row_weight[rows]).to(dtype)
+                grad_w = part.to(acc) if grad_w is None else grad_w.add_(part)
+        if needs[1] and grad_w is None:  # no rows
+            grad_w = torch.zeros(w.shape, device=w.device, dtype=acc)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w[:vocab])
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss
