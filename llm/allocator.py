@@ -7,7 +7,7 @@ An allocator can only be chosen before the process starts, so `reexec_with_best_
 the current command once with it preloaded. `LLM_ALLOCATOR=system` opts out.
 
 The same launcher asks PyTorch for transparent huge pages (`request_huge_pages`): batch-1 decoding reads every
-weight once per token, and with 2 MB pages instead of 4 KB ones it ran 1.13x faster (BENCHMARKS.md).
+weight once per token, and with 2 MB pages instead of 4 KB ones it ran 1.09-1.13x faster (BENCHMARKS.md).
 """
 
 from __future__ import annotations
