@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from llm.allocator import HUGE_PAGES_ENV, current_allocator, find_allocator, huge_pages, kernel_huge_pages
+from llm.allocator import (
+    HUGE_PAGES_ENV,
+    current_allocator,
+    find_allocator,
+    huge_pages,
+    kernel_huge_pages,
+    stage_environment,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 _MALLOC_VARS = ("LD_PRELOAD", "MALLOC_CONF", "LLM_ALLOCATOR", HUGE_PAGES_ENV)
@@ -43,12 +50,7 @@ def allocator_env(spec: str) -> dict[str, str]:
     if spec == "system":
         return env
     if spec == "best":
-        env[HUGE_PAGES_ENV] = "1"
-        found = find_allocator()
-        if found is None:
-            return env
-        name, path, extra = found
-        return {**env, **extra, "LD_PRELOAD": str(path), "LLM_ALLOCATOR": name}
+        return stage_environment(env, find_allocator())
     if not Path(spec).is_file():
         raise SystemExit(f"allocator {spec!r}: expected system, best, inherit or the path of a malloc library")
     return {**env, "LD_PRELOAD": spec, **{k: os.environ[k] for k in ("MALLOC_CONF",) if k in os.environ}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ALLOCATOR_ENV = "LLM_ALLOCATOR"
@@ -80,6 +81,17 @@ def memory_tags() -> dict[str, str]:
     return {"allocator": current_allocator(), "huge_pages": huge_pages()}
 
 
+def stage_environment(env: Mapping[str, str], found: tuple[str, Path, dict[str, str]] | None) -> dict[str, str]:
+    """`env` with the stages' memory set-up: huge pages requested (unless `env` opts out) and allocator `found`
+    (from `find_allocator`) preloaded ahead of any other preload, with its settings; `LLM_ALLOCATOR` names it
+    ('system' for None)."""
+    if found is None:
+        return {HUGE_PAGES_ENV: "1", **env, ALLOCATOR_ENV: "system"}
+    name, path, extra = found
+    preload = " ".join(filter(None, [str(path), env.get("LD_PRELOAD", "")]))
+    return {HUGE_PAGES_ENV: "1", **env, **extra, ALLOCATOR_ENV: name, "LD_PRELOAD": preload}
+
+
 def reexec_with_best_allocator() -> None:
     """Request huge pages, then re-execute this process with the best allocator preloaded (Linux only; once;
     no re-execution when no better allocator is installed).
@@ -94,8 +106,5 @@ def reexec_with_best_allocator() -> None:
         os.environ[ALLOCATOR_ENV] = "system"
         print("allocator: system malloc (install libjemalloc2 for faster CPU training)", file=sys.stderr)
         return
-    name, path, extra = found
-    env = {**os.environ, **extra, ALLOCATOR_ENV: name}
-    env["LD_PRELOAD"] = " ".join(filter(None, [str(path), os.environ.get("LD_PRELOAD", "")]))
-    print(f"allocator: {name} ({path})", file=sys.stderr, flush=True)
-    os.execve(sys.executable, sys.orig_argv, env)
+    print(f"allocator: {found[0]} ({found[1]})", file=sys.stderr, flush=True)
+    os.execve(sys.executable, sys.orig_argv, stage_environment(os.environ, found))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.allocator import find_allocator
+from llm.allocator import find_allocator, kernel_huge_pages
 
 SCRIPT = """
 import os
@@ -81,11 +81,6 @@ print(huge_pages(), huge_kb)
 """
 
 
-def _thp_mode() -> str | None:
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return path.read_text().split("[")[1].split("]")[0] if path.is_file() else None
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").is_file(), reason="needs Linux /proc")
 def test_the_launcher_gives_torch_buffers_huge_pages_unless_opted_out() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LLM_ALLOCATOR", "LD_PRELOAD", "MALLOC_CONF")}
@@ -93,7 +88,7 @@ def test_the_launcher_gives_torch_buffers_huge_pages_unless_opted_out() -> None:
     on = subprocess.run([sys.executable, "-c", HUGE_PAGES_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
     assert on.returncode == 0, on.stderr
     state, huge_kb = on.stdout.split()
-    if _thp_mode() in ("always", "madvise"):
+    if kernel_huge_pages() in ("always", "madvise"):
         assert state == "on" and int(huge_kb) > 0  # in 'madvise' mode only requested memory gets 2 MB pages
     else:
         assert state == "unavailable"
@@ -104,5 +99,5 @@ def test_the_launcher_gives_torch_buffers_huge_pages_unless_opted_out() -> None:
     assert off.returncode == 0, off.stderr
     state, huge_kb = off.stdout.split()
     assert state == "off"
-    if _thp_mode() == "madvise":
+    if kernel_huge_pages() == "madvise":
         assert int(huge_kb) == 0  # nothing asked for them
