@@ -37,7 +37,7 @@ def linear_cross_entropy(
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     padded = -(-weight.shape[0] // PAD_VOCAB) * PAD_VOCAB
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // padded)
+    rows = chunk_rows or _balanced_rows(h.shape[0], max(1, CHUNK_ELEMENTS // padded))
     needs = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, padded, rows, dtype, needs)
@@ -85,19 +85,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[rows] = (grad @ w) * row_weight[rows]
             if needs[1]:
-                part = grad.T @ (x[rows] * row_weight[rows]).to(dtype)
-                grad_w = part.to(acc) if grad_w is None else grad_w.add_(part)
+                part = (grad.T @ (x[rows] * row_weight[rows]).to(dtype))[:vocab]
+                # A fresh tensor, not a view of `part`: autograd may then add the other gradient of a tied weight
+                # (the token embedding's) into it in place instead of allocating a third (V, C) tensor.
+                grad_w = part.to(acc, copy=True) if grad_w is None else grad_w.add_(part)
         if needs[1] and grad_w is None:  # no rows
-            grad_w = torch.zeros(w.shape, device=w.device, dtype=acc)
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w[:vocab])
+            grad_w = torch.zeros(weight.shape, device=w.device, dtype=acc)
+        # Kept on ctx rather than saved: backward hands them to autograd as its only references (see above).
+        ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy's backward ran twice; its gradients are computed once, in forward")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h is None else grad_h.mul_(grad_loss).to(h_dtype)
         grad_w = None if grad_w is None else grad_w.mul_(grad_loss).to(w_dtype)
         return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _balanced_rows(n: int, max_rows: int) -> int:
+    """Rows per chunk when `n` rows are split into as few chunks of at most `max_rows` as possible, all of
+    (nearly) equal size: 1024 rows at most 667 per chunk become 512 + 512 rather than 667 + 357, which keeps
+    every matmul large."""
+    chunks = max(1, -(-n // max_rows))
+    return -(-n // chunks)

@@ -9,7 +9,7 @@ from torch import nn
 
 import llm.model
 from llm.config import get_preset
-from llm.losses import linear_cross_entropy
+from llm.losses import _balanced_rows, linear_cross_entropy
 from llm.model import GPT
 
 VOCAB = 101  # not a multiple of 64: the fused loss pads it to 128 for its matmuls
@@ -63,6 +63,41 @@ def test_fused_loss_without_gradients_and_extreme_logits() -> None:
     loss = linear_cross_entropy(big, torch.eye(2) * 2, torch.tensor([1, 1]))
     torch.testing.assert_close(loss, F.cross_entropy(big @ (torch.eye(2) * 2), torch.tensor([1, 1])))
     assert torch.isnan(linear_cross_entropy(h, w, torch.full_like(y, -100)))  # like F.cross_entropy: 0 / 0
+
+
+def test_fused_loss_refuses_a_second_backward_instead_of_reusing_scaled_gradients() -> None:
+    h, w, y = _head_inputs()
+    loss = linear_cross_entropy(h, w, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_chunks_are_as_few_as_allowed_and_balanced() -> None:
+    assert _balanced_rows(1024, 667) == 512  # GPT-2 124M at 2 x 512 tokens: two equal chunks, not 667 + 357
+    for n in range(1, 200):
+        for max_rows in (1, 3, 64, 199, 500):
+            rows = _balanced_rows(n, max_rows)
+            chunks = -(-n // rows)
+            assert rows <= max_rows and chunks == -(-n // max_rows)
+            assert chunks * rows - n < chunks  # the last chunk is at most one row per chunk short
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tied_weight_gradients_are_summed_in_place(autocast: bool) -> None:
+    """The head's weight gradient comes out of the fused loss as a fresh tensor, so autograd adds the token
+    embedding's gradient into it instead of allocating a third (vocab, emb_dim) tensor for the sum."""
+    torch.manual_seed(0)
+    model = GPT(get_preset("cpu-tiny", vocab_size=VOCAB, context_length=32))
+    assert model.lm_head.weight is model.tok_emb.weight
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, x)
+        loss.backward()
+    weight_shape = list(model.tok_emb.weight.shape)
+    sums = {e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and weight_shape in e.input_shapes}
+    assert sums == {"aten::add_"}
 
 
 @pytest.fixture(scope="module")
