@@ -219,10 +219,8 @@ def report(results: dict[str, Any]) -> None:
         for c, e in results["contenders"].items()
     ]  # fmt: skip
     print(harness.table(["contender", "allocator", "tokens/s median (min–max)", "first tokens", "peak RSS MB"], rows))
-    print("\nRatios of medians (row / column):")
-    names = list(speed)
-    ratio_rows = [[a] + [f"{speed[a]['median'] / speed[b]['median']:.2f}x" for b in names] for a in names]
-    print(harness.table(["", *names], ratio_rows))
+    print("\nRatios (row / column), of medians and (range of per-round ratios):")
+    print(harness.ratio_table({c: e["runs"] for c, e in results["contenders"].items()}, list(speed), list(speed)))
     results["summary"] = {c: s["median"] for c, s in speed.items()}
 
 

@@ -1,9 +1,10 @@
 """Shared machinery of the bench/ scripts.
 
 Every contender runs in its own worker process, started under the memory allocator it is measured with
-(an allocator can only be chosen when a process starts). The driver builds all workers first, then runs
-rounds: in each round every contender measures once, in a rotated order, so slow drifts of a shared
-machine's load hit every contender alike. Results are medians with min-max over the rounds.
+(an allocator can only be chosen when a process starts). The driver builds all workers first (train.py: anew
+for each precision), then runs rounds: in each round every contender measures once, in a rotated order, so
+slow drifts of a shared machine's load hit every contender alike. Results are medians with min-max over the
+rounds; ratios are the ratio of medians with the range of the per-round ratios (round i against round i).
 
 Allocator specs: `system` (glibc malloc, nothing preloaded), `best` (the memory set-up of the project's stages,
 from `llm.allocator`: huge pages for torch's buffers, and jemalloc with memory return disabled, else tcmalloc,
@@ -22,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio_table(runs: Mapping[str, Sequence[float]], rows: Sequence[str], columns: Sequence[str]) -> str:
+    """A Markdown table of speed ratios row / column from per-round speeds: the ratio of the medians, then the
+    range of the per-round ratios (round i of the row against round i of the column). For two contenders
+    measured in the same rounds, which run within minutes, that range shows how far the ratio moves with the
+    machine's load."""
+
+    def cell(row: str, column: str) -> str:
+        per_round = [a / b for a, b in zip(runs[row], runs[column], strict=True)]
+        ratio = statistics.median(runs[row]) / statistics.median(runs[column])
+        return f"{ratio:.2f}x ({min(per_round):.2f}–{max(per_round):.2f})"
+
+    return table(["", *columns], [[row] + [cell(row, column) for column in columns] for row in rows])
 
 
 def write_json(path: str | None, data: dict[str, Any]) -> None:
