@@ -217,9 +217,9 @@ def measure(
 ) -> None:
     """All rounds of one precision, every contender in a worker process of its own started for it.
 
-    A user trains at one precision per process, and a process that ran the other precision first carries its
-    heap over: after one fp32 step, glibc's raised mmap threshold made HF's bf16 steps 9% faster while ours
-    (jemalloc) lost 3%. So each precision gets fresh workers; contenders still alternate within every round.
+    A user trains at one precision per process, and a process that ran the other precision first carries state
+    over: after one fp32 step, HF's bf16 steps under glibc ran 9-20% faster while ours (jemalloc) lost 3%
+    (BENCHMARKS.md). So each precision gets fresh workers; contenders still alternate within every round.
     """
     print(f"\n{precision}:", flush=True)
     workers = {c: harness.Worker(__file__, c, c.partition("@")[2] or "inherit") for c in contenders}
