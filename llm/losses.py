@@ -114,4 +114,4 @@ def _balanced_rows(n: int, max_rows: int) -> int:
     (nearly) equal size: 1024 rows at most 667 per chunk become 512 + 512 rather than 667 + 357, which keeps
     every matmul large."""
     chunks = max(1, -(-n // max_rows))
-    return -(-n // chunks)
+    return max(1, -(-n // chunks))  # at least 1 (a range step) for no rows

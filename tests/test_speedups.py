@@ -65,6 +65,12 @@ def test_fused_loss_without_gradients_and_extreme_logits() -> None:
     assert torch.isnan(linear_cross_entropy(h, w, torch.full_like(y, -100)))  # like F.cross_entropy: 0 / 0
 
 
+def test_fused_loss_of_no_rows_gives_zero_gradients() -> None:
+    h, w, y = _head_inputs(n=0)
+    linear_cross_entropy(h, w, y).backward()
+    assert h.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_fused_loss_refuses_a_second_backward_instead_of_reusing_scaled_gradients() -> None:
     h, w, y = _head_inputs()
     loss = linear_cross_entropy(h, w, y)
@@ -75,6 +81,7 @@ def test_fused_loss_refuses_a_second_backward_instead_of_reusing_scaled_gradient
 
 def test_chunks_are_as_few_as_allowed_and_balanced() -> None:
     assert _balanced_rows(1024, 667) == 512  # GPT-2 124M at 2 x 512 tokens: two equal chunks, not 667 + 357
+    assert _balanced_rows(0, 667) == 1  # no rows: still a valid chunk size
     for n in range(1, 200):
         for max_rows in (1, 3, 64, 199, 500):
             rows = _balanced_rows(n, max_rows)
