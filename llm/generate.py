@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,10 @@ class GenerationConfig:
     eos_id: stop a prompt when this token is sampled (it is not returned); None = never stop early.
     seed: seeds a private torch.Generator, so equal seeds give equal samples; None uses torch's global RNG.
     use_cache: decode with a KV cache (same tokens, much faster) instead of recomputing the context.
+    compile: run the one-token steps of cached decoding through torch.compile: they compile on the first call
+        (~25 s for GPT-2 on a 2-core CPU; inductor caches the result on disk) and then run ~1.2x faster on CPU in
+        fp32. The prompt and uncached steps stay eager (compiled, they were slower). Falls back to eager mode
+        with a warning if compilation fails.
     """
 
     max_new_tokens: int = 50
@@ -45,6 +51,7 @@ class GenerationConfig:
     eos_id: int | None = None
     seed: int | None = None
     use_cache: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -75,14 +82,20 @@ def stream(
     cache = model.new_cache(len(prompts), idx.shape[1] + config.max_new_tokens) if config.use_cache else None
     cached = 0  # columns of idx already in the cache
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
+    decode_step = _compiled_next_logits() if config.compile else _next_logits
     was_training = model.training
     model.eval()
     try:
         for _ in range(config.max_new_tokens):
             if cache is not None and idx.shape[1] > context:
                 cache = None  # the positions ran out: from now on recompute the cropped window
-            start = cached if cache is not None else max(0, idx.shape[1] - context)
-            token = sample(_next_logits(model, idx[:, start:], pad_mask[:, start:], cache), config, generator)
+            if cache is not None and cached:  # one new token per row, never padding
+                logits, decode_step = _run_step(decode_step, model, idx[:, cached:], cache)
+            else:  # the prompt, or the cropped window recomputed
+                start = 0 if cache is not None else max(0, idx.shape[1] - context)
+                window = pad_mask[:, start:]
+                logits = _next_logits(model, idx[:, start:], None if window.all() else window, cache)
+            token = sample(logits, config, generator)
             cached = idx.shape[1]
             if config.eos_id is not None:
                 finished |= token == config.eos_id
@@ -134,10 +147,36 @@ def decode_stream(tokens: Iterable[int], tokenizer: tiktoken.Encoding) -> Iterat
 
 
 @torch.no_grad()
-def _next_logits(model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Next-token logits (B, V) after idx (B, T); with a cache, idx holds only the tokens not yet in it."""
-    h = model.hidden_states(idx, cache=cache, pad_mask=None if pad_mask.all() else pad_mask)
+def _next_logits(model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    """Next-token logits (B, V) after idx (B, T); with a cache, idx holds only the tokens not yet in it.
+    pad_mask: bool (B, T), False = padding; None when every token is real."""
+    h = model.hidden_states(idx, cache=cache, pad_mask=pad_mask)
     return model.lm_head(h[:, -1])
+
+
+def _run_step(
+    step: Callable[..., torch.Tensor], model: GPT, idx: torch.Tensor, cache: KVCache
+) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+    """step(model, idx, None, cache) for a decoding step, and the step to use from now on: if the compiled step
+    fails (torch.compile raises when it compiles, e.g. without a C++ compiler), warn, rewind the cache and go on
+    in eager mode."""
+    past = cache.length
+    try:
+        return step(model, idx, None, cache), step
+    except LLMError:
+        raise
+    except Exception as err:
+        if step is _next_logits:
+            raise
+        print(f"warning: torch.compile failed ({type(err).__name__}: {err}); decoding in eager mode", file=sys.stderr)
+        cache.rewind(past)  # forget what the failed call may have recorded
+        return _next_logits(model, idx, None, cache), _next_logits
+
+
+@functools.cache
+def _compiled_next_logits() -> Callable[..., torch.Tensor]:
+    """`_next_logits` through torch.compile (made on first use: importing dynamo takes a second)."""
+    return torch.compile(_next_logits)
 
 
 def _settings(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:

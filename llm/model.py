@@ -45,6 +45,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (the next update overwrites their keys and values)."""
+        self.length = length
+        self.n_real.copy_(self.real[:, :length].sum(1))
+        self.has_padding = not bool(self.real[:, :length].all())
+
+    @torch.compiler.disable  # eager, in place: a compiled graph copied the whole cache for each slice written
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values after the current `length`; return all (B, H, S, D) so far."""
         start, end = self.length, self.length + k.shape[2]
@@ -54,22 +61,28 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose fp32 inference on CPU (no autograd, no autocast) runs oneDNN's linear op instead of the
-    default GEMM. Batch-1 decoding is bound by reading the weights once per token, and there oneDNN streams them
-    about twice as fast (27 against 13 GB/s on our CPUs); with more rows it is 10-25% faster. Training, autocast,
-    torch.compile, other dtypes and other devices use F.linear. Both agree to fp32 rounding.
+    """nn.Linear with faster fp32 inference on CPU (no autograd, no autocast), where batch-1 decoding is bound by
+    reading the weights once per token:
+    - eager: oneDNN's linear op instead of the default GEMM. It streams the weights about twice as fast (27
+      against 13 GB/s on our CPUs); with more rows it is 10-25% faster.
+    - under torch.compile, a single row: (weight * x).sum(-1), which inductor turns into a fused streaming
+      dot-product kernel (28-33 GB/s) where F.linear would call a GEMM (inductor cannot lower the oneDNN op).
+    Training, autocast, other dtypes and other devices use F.linear. All agree to fp32 rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            ONEDNN_LINEAR
-            and x.device.type == "cpu"
+        cpu_fp32_inference = (
+            x.device.type == "cpu"
             and x.dtype is w.dtype is torch.float32
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()  # inductor cannot lower this op; it picks its own kernels
-        ):
+        )
+        if cpu_fp32_inference and torch.compiler.is_compiling():
+            if x.numel() == self.in_features:  # one row
+                y = (w * x.reshape(1, -1)).sum(-1)
+                return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+        elif cpu_fp32_inference and ONEDNN_LINEAR:
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
@@ -86,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C); mask: None for plain causal attention, else bool (B|1, 1, T, S), True = attend."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
-        causal = mask is None and (cache is None or cache.length == 0)
+        causal = mask is None and T > 1  # no mask: no past keys (S = T), or a single query that sees them all
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0

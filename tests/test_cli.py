@@ -56,9 +56,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], expected: st
     assert expected in lines[0]
 
 
-def test_generate_streams_the_greedy_continuation(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_generate_streams_the_greedy_continuation(
+    model_dir: Path, extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     prompt = "Every effort moves you"
-    assert cli.main(["generate", "--model", str(model_dir), "--prompt", prompt, "--temperature", "0"]) == 0
+    assert cli.main(["generate", "--model", str(model_dir), "--prompt", prompt, "--temperature", "0", *extra]) == 0
     tokenizer = get_tokenizer()
     expected = generate(load_model(model_dir), [tokenizer.encode(prompt)], max_new_tokens=50, temperature=0)[0]
     assert capsys.readouterr().out == prompt + tokenizer.decode(expected) + "\n"

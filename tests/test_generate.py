@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+import llm.generate
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.generate import FINISHED, GenerationConfig, decode_stream, generate, sample, stream
-from llm.model import GPT
+from llm.model import GPT, KVCache
 from llm.tokenizer import get_tokenizer
 
 VOCAB, CONTEXT = 61, 16
@@ -57,6 +58,32 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model: GPT, us
     assert batched == single
     assert [recompute(model, p, 12, GenerationConfig(temperature=0)) for p in prompts] == single
     assert len({tuple(s) for s in single}) > 1  # the prompts really lead to different continuations
+
+
+def test_compiled_decoding_gives_the_eager_tokens(model: GPT) -> None:
+    """Through inductor (fused single-row dot products, eager cache writes); 11 + 12 tokens cross the context, after
+    which the cropped window is recomputed eagerly."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = GenerationConfig(max_new_tokens=12, temperature=0.8, top_k=10, seed=5)
+    for prompts in ([[9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]], [[1, 2, 3], [7], [30, 31, 32, 33, 34]]):
+        assert generate(model, prompts, config, compile=True) == generate(model, prompts, config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+
+
+def test_decoding_goes_on_in_eager_mode_when_compilation_fails(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def broken(model: GPT, idx: torch.Tensor, pad_mask: None, cache: KVCache) -> None:
+        model.hidden_states(idx, cache=cache)  # fails after the cache recorded the token
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(llm.generate, "_compiled_next_logits", lambda: broken)
+    prompts = [[1, 2, 3], [7]]
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    assert generate(model, prompts, config, compile=True) == generate(model, prompts, config)
+    warning = "warning: torch.compile failed (RuntimeError: inductor: no C++ compiler); decoding in eager mode\n"
+    assert capsys.readouterr().err == warning  # once: eager from then on
 
 
 def test_eos_stops_each_row(model: GPT) -> None:

@@ -58,6 +58,21 @@ def test_left_padding_matches_unpadded_row(model: GPT) -> None:
     torch.testing.assert_close(stepwise[1, 4:], out[1, 4:], atol=1e-5, rtol=1e-5)
 
 
+def test_rewound_cache_recomputes_the_forgotten_positions(model: GPT) -> None:
+    x = torch.randint(0, 97, (2, 9))
+    pad_mask = torch.ones(2, 6, dtype=torch.bool)
+    pad_mask[1, :2] = False
+    cache = model.new_cache(2)
+    model(x[:, :6], cache=cache, pad_mask=pad_mask)
+    first = model(x[:, 6:8], cache=cache)
+    model(x[:, 8:], cache=cache)
+    cache.rewind(6)
+    assert (cache.length, cache.n_real.tolist(), cache.has_padding) == (6, [6, 4], True)
+    torch.testing.assert_close(model(x[:, 6:8], cache=cache), first)
+    cache.rewind(0)
+    assert (cache.length, cache.n_real.tolist(), cache.has_padding) == (0, [0, 0], False)
+
+
 def test_context_overflow_is_a_clear_error(model: GPT) -> None:
     with pytest.raises(LLMError, match="exceeds the model's context_length 32"):
         model(torch.zeros(1, 33, dtype=torch.long))

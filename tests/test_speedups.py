@@ -213,15 +213,22 @@ def test_linear_runs_fp32_inference_through_onednn_with_the_same_result(
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
 
 
-def test_compiled_inference_with_inductor_matches_eager() -> None:
-    """Inductor cannot lower the oneDNN inference op: a compiled model in fp32 inference takes F.linear inside the
-    graph and gives the eager (oneDNN) result."""
+@pytest.mark.parametrize("shape", [(3, 64), (1, 64), (1, 1, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_inference_with_inductor_matches_eager(shape: tuple[int, ...], bias: bool) -> None:
+    """Inductor cannot lower the oneDNN inference op: a compiled fp32 inference runs a GEMM for several rows and,
+    for one row (decoding), inductor's own fused dot-product kernel; both give the eager (oneDNN) result."""
+    from torch._inductor.utils import run_and_get_code
+
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = llm.model.Linear(64, 48)
-    x = torch.randn(3, 64)
+    layer = llm.model.Linear(64, 48, bias=bias)
+    x = torch.randn(shape)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(layer)(x), layer(x))
+        out, (code,) = run_and_get_code(torch.compile(layer), x)
+        torch.testing.assert_close(out, layer(x))
+    assert out.shape == (*shape[:-1], 48)
+    assert ("extern_kernels." in code) == (x.numel() > 64), code  # a library GEMM call only for several rows
 
 
 def test_bf16_attention_by_matmuls_matches_the_fused_kernel(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
