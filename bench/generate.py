@@ -9,8 +9,9 @@ book's `generate_text_simple` loop (no cache). tokens/s = new tokens / wall time
     python bench/generate.py --contenders ours@best,hf@system --dtype bfloat16
     python bench/generate.py --prompt-tokens 256        # a long prompt: the uncached path recomputes more
 
-A contender is `<name>@<allocator>`: names ours, ours-nocache, ours-noonednn (every linear layer through F.linear),
-hf, book; allocators as in bench/harness.py.
+A contender is `<name>@<allocator>`: names ours, ours-compiled (`compile=True`), ours-nocache, ours-noonednn
+(every linear layer through F.linear), hf, book; allocators as in bench/harness.py. The warm-up call (20 tokens)
+is timed apart: it holds torch.compile's compilation.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ import torch
 
 from llm.config import GPTConfig, get_preset
 
-NAMES = ("ours", "ours-nocache", "ours-noonednn", "hf", "book")  # ours-noonednn: ablation with F.linear only
-DEFAULT_CONTENDERS = "ours@best,ours-nocache@best,hf@system,hf@best"
+OURS = {  # name -> generation settings; ours-noonednn is an ablation (every linear layer through F.linear)
+    "ours": {},
+    "ours-compiled": {"compile": True},
+    "ours-nocache": {"use_cache": False},
+    "ours-noonednn": {},
+}
+NAMES = (*OURS, "hf", "book")
+DEFAULT_CONTENDERS = "ours-compiled@best,ours@best,ours-nocache@best,hf@system,hf@best"
 PROMPT = "Hello, I am"
 
 
@@ -42,15 +49,14 @@ PROMPT = "Hello, I am"
 
 def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
     """A function (prompt ids, new tokens) -> generated ids for contender `name`."""
-    if name.startswith("ours"):
+    if name in OURS:
         import llm.model
         from llm.generate import generate
 
         if name == "ours-noonednn":
             llm.model.ONEDNN_LINEAR = False
         model = llm.model.GPT(config).to(dtype).eval()
-        cache = name != "ours-nocache"
-        return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, use_cache=cache)[0]
+        return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, **OURS[name])[0]
     if name == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -214,11 +220,12 @@ def report(results: dict[str, Any]) -> None:
     print(f"\nload average after: {results['load_after']}\n")
     speed = {c: harness.summary(e["runs"]) for c, e in results["contenders"].items()}
     rows = [
-        [c, e["process"]["allocator"], harness.fmt_range(speed[c], 1), e["process"]["head"][:4],
-         f"{e['process']['peak_rss_mb']:,.0f}"]
+        [c, e["process"]["allocator"], harness.fmt_range(speed[c], 1), f"{e['warmup_s']:.1f}",
+         e["process"]["head"][:4], f"{e['process']['peak_rss_mb']:,.0f}"]
         for c, e in results["contenders"].items()
     ]  # fmt: skip
-    print(harness.table(["contender", "allocator", "tokens/s median (min–max)", "first tokens", "peak RSS MB"], rows))
+    header = ["contender", "allocator", "tokens/s median (min–max)", "warm-up s", "first tokens", "peak RSS MB"]
+    print(harness.table(header, rows))
     print("\nRatios (row / column), of medians and (range of per-round ratios):")
     print(harness.ratio_table({c: e["runs"] for c, e in results["contenders"].items()}, list(speed), list(speed)))
     results["summary"] = {c: s["median"] for c, s in speed.items()}
