@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMPILE_HELP = "torch.compile the decoding step: slower start (~20 s), faster tokens on CPU"
+COMPILE_HELP = "torch.compile the decoding steps: a slower start (~25 s for GPT-2 on CPU), then faster tokens"
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
