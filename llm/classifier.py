@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,25 +25,15 @@ from torch.utils.data import DataLoader
 
 from llm.checkpoint import WEIGHTS_FILE, load_model, read_json, read_safetensors, write_safetensors
 from llm.config import GPTConfig, from_mapping
-from llm.data.classification import collate, encode_text
+from llm.data.classification import collate_classification, encode_text
 from llm.errors import LLMError
 from llm.io import sha256_file, write_json
-from llm.lora import apply_lora, load_trainable, remove_lora, save_trainable
+from llm.lora import LoRAConfig, apply_lora, load_trainable, remove_lora, save_trainable
 from llm.model import GPT
 
 META_FILE = "classifier.json"
 ADAPTER_FILE = "adapter.safetensors"
 PathLike = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA on every linear layer whose name ends in one of `targets`: rank r, scaling alpha / r."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 @dataclass(frozen=True)
@@ -60,7 +50,7 @@ class ClassifierConfig:
     max_length: int = 128
     append_eot: bool = False
     last_blocks: int = 1
-    lora: LoRAConfig = LoRAConfig()
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -243,7 +233,7 @@ def classify(
     empty = [i for i, (ids, _) in enumerate(items) if not ids]
     if empty:
         raise LLMError(f"text {empty[0] + 1} of {len(texts)} is empty: nothing to classify")
-    _, probs = predict_proba(model, DataLoader(items, batch_size=batch_size, collate_fn=collate))
+    _, probs = predict_proba(model, DataLoader(items, batch_size=batch_size, collate_fn=collate_classification))
     return [(model.config.labels[int(p.argmax())], float(p.max())) for p in probs]
 
 

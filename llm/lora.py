@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,16 @@ from torch import nn
 
 from llm.checkpoint import read_safetensors, write_safetensors
 from llm.errors import LLMError
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA on every linear layer whose name ends in one of `targets`: rank r, scaling alpha / r."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 class LoRALinear(nn.Module):

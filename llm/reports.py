@@ -16,7 +16,7 @@ import numpy as np
 from llm.io import atomic_path, write_json
 
 if TYPE_CHECKING:
-    from llm.data.classification import Example
+    from llm.data.classification import ClassificationExample
     from llm.data.instructions import Instruction
     from llm.evaluation import JudgeResult
 
@@ -41,7 +41,7 @@ def save_figure(path: Path, draw: Callable[[Any], None], size: tuple[float, floa
 
 
 def write_classifier_reports(
-    examples: Sequence[Example],
+    examples: Sequence[ClassificationExample],
     labels: np.ndarray,
     probs: np.ndarray,
     confusion: list[list[int]],

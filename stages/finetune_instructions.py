@@ -24,11 +24,10 @@ from typing import Literal
 import torch
 
 from llm.checkpoint import WEIGHTS_FILE, load_model, provenance, save_model
-from llm.classifier import LoRAConfig
 from llm.data.instructions import (
-    Example,
     Instruction,
-    collate,
+    InstructionExample,
+    collate_instructions,
     encode,
     load_instructions,
     respond,
@@ -40,7 +39,7 @@ from llm.errors import LLMError
 from llm.evaluation import mean_loss
 from llm.generate import GenerationConfig
 from llm.io import sha256_file, write_json
-from llm.lora import apply_lora, parameter_report, remove_lora
+from llm.lora import LoRAConfig, apply_lora, parameter_report, remove_lora
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
 from llm.training import TrainConfig, train
@@ -82,13 +81,15 @@ def example_limit(params: InstructParams, context_length: int) -> int:
     return min(params.allowed_max_length or context_length, context_length)
 
 
-def val_batches(examples: list[Example], params: InstructParams, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    examples: list[InstructionExample], params: InstructParams, limit: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The `examples` that keep a target within `limit` tokens (see `trainable`), in order, collated as in
     training, `params.eval_batch_size` per batch: the val loss of this stage and of `evaluate` alike."""
     kept = trainable(examples, limit, mask_prompt=params.mask_prompt)
     size = params.eval_batch_size
     return [
-        collate(kept[i : i + size], mask_prompt=params.mask_prompt, allowed_max_length=limit)
+        collate_instructions(kept[i : i + size], mask_prompt=params.mask_prompt, allowed_max_length=limit)
         for i in range(0, len(kept), size)
     ]
 
@@ -116,7 +117,8 @@ def main() -> None:
 
     def train_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         picked = batch_indices(len(train_set), params.batch_size, i, seed=params.seed)
-        return collate([train_set[j] for j in picked], mask_prompt=params.mask_prompt, allowed_max_length=limit)
+        batch = [train_set[j] for j in picked]
+        return collate_instructions(batch, mask_prompt=params.mask_prompt, allowed_max_length=limit)
 
     evaluation = val_batches(val_set, params, limit)
     probe = splits["val"][0]

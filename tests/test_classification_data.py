@@ -8,9 +8,9 @@ import torch
 
 from llm.data.classification import (
     ClassificationDataset,
-    Example,
+    ClassificationExample,
     balance_classes,
-    collate,
+    collate_classification,
     read_labeled_tsv,
     stratified_split,
 )
@@ -21,11 +21,11 @@ LABELS = ("ham", "spam")
 
 
 @pytest.fixture(scope="module")
-def sms(mirror: Path) -> list[Example]:
+def sms(mirror: Path) -> list[ClassificationExample]:
     return read_labeled_tsv(mirror / "sms_spam_collection.tsv", LABELS).examples
 
 
-def test_real_file_counts_and_quotes(mirror: Path, sms: list[Example]) -> None:
+def test_real_file_counts_and_quotes(mirror: Path, sms: list[ClassificationExample]) -> None:
     path = mirror / "sms_spam_collection.tsv"
     assert len(sms) == 5574
     assert Counter(e.label for e in sms) == {0: 4827, 1: 747}
@@ -41,7 +41,7 @@ def test_crlf_and_bom_tolerated(tmp_path: Path) -> None:
     path = tmp_path / "crlf.tsv"
     path.write_bytes(b'\xef\xbb\xbfham\tHello "there\r\nspam\tWIN \xe2\x82\xac1000 now\r\n')
     examples = read_labeled_tsv(path, LABELS).examples
-    assert examples == [Example('Hello "there', 0, 1), Example("WIN €1000 now", 1, 2)]
+    assert examples == [ClassificationExample('Hello "there', 0, 1), ClassificationExample("WIN €1000 now", 1, 2)]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_invalid_utf8_and_missing_file(tmp_path: Path) -> None:
         read_labeled_tsv(tmp_path / "nope.tsv", LABELS)
 
 
-def test_balance_and_stratified_split(sms: list[Example]) -> None:
+def test_balance_and_stratified_split(sms: list[ClassificationExample]) -> None:
     balanced = balance_classes(sms, seed=123)
     assert Counter(e.label for e in balanced) == {0: 747, 1: 747}
     assert balanced == balance_classes(sms, seed=123)
@@ -92,7 +92,11 @@ def test_balance_and_stratified_split(sms: list[Example]) -> None:
 
 def test_dataset_and_collate_pad_right() -> None:
     tokenizer = get_tokenizer()
-    examples = [Example("Hello, world", 0, 1), Example("Call now <|endoftext|> to win", 1, 2), Example("a " * 50, 0, 3)]
+    examples = [
+        ClassificationExample("Hello, world", 0, 1),
+        ClassificationExample("Call now <|endoftext|> to win", 1, 2),
+        ClassificationExample("a " * 50, 0, 3),
+    ]
     ds = ClassificationDataset(examples, tokenizer, max_length=8)
     assert ds[0] == ([15496, 11, 995], 0)
     assert EOT_ID not in ds[1][0]  # special-token text is plain text
@@ -100,7 +104,7 @@ def test_dataset_and_collate_pad_right() -> None:
     with_eot = ClassificationDataset(examples, tokenizer, max_length=8, append_eot=True)
     assert with_eot[0] == ([15496, 11, 995, EOT_ID], 0)
     assert with_eot[2][0] == [*ds[2][0][:7], EOT_ID]  # still at most max_length tokens
-    batch = collate([ds[0], ds[1]])
+    batch = collate_classification([ds[0], ds[1]])
     n = len(ds[1][0])
     assert batch.ids.shape == (2, n) and batch.ids.dtype == torch.long
     assert batch.lengths.tolist() == [3, n] and batch.labels.tolist() == [0, 1]

@@ -12,7 +12,6 @@ from llm.classifier import (
     META_FILE,
     ClassifierConfig,
     GPTClassifier,
-    LoRAConfig,
     classification_loss,
     classification_metrics,
     classify,
@@ -21,9 +20,9 @@ from llm.classifier import (
     save_classifier,
 )
 from llm.config import get_preset
-from llm.data.classification import collate
+from llm.data.classification import collate_classification
 from llm.errors import LLMError
-from llm.lora import lora_layers
+from llm.lora import LoRAConfig, lora_layers
 from llm.model import GPT
 from llm.tokenizer import get_tokenizer
 
@@ -48,7 +47,7 @@ def trained_like(base_dir: Path, config: ClassifierConfig) -> GPTClassifier:
     return model.eval()
 
 
-BATCH = collate([([5, 6, 7], 0), ([8, 9, 10, 11, 12, 13], 1), ([14], 1)])
+BATCH = collate_classification([([5, 6, 7], 0), ([8, 9, 10, 11, 12, 13], 1), ([14], 1)])
 
 
 def test_head_reads_last_real_token(base_dir: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llm.classifier import classification_evaluator
-from llm.data.classification import ClassificationDataset, Example
+from llm.data.classification import ClassificationDataset, ClassificationExample
 from llm.tokenizer import EOT_ID
 
 
@@ -21,7 +21,7 @@ class CharTokenizer:
 
 def dataset() -> ClassificationDataset:
     texts = ["a", "bcd", "ce", "d", "efgh"]  # first letters a-e: the TableModel rows
-    examples = [Example(text, i % 2, i + 1) for i, text in enumerate(texts)]
+    examples = [ClassificationExample(text, i % 2, i + 1) for i, text in enumerate(texts)]
     return ClassificationDataset(examples, CharTokenizer(), max_length=8)  # type: ignore[arg-type]
 
 
@@ -61,6 +61,6 @@ def test_evaluator_reports_val_loss_and_accuracy() -> None:
 
 
 def test_evaluator_floors_zero_probabilities() -> None:
-    examples = [Example("e", 1, 1)]  # probability 0 of its actual class
+    examples = [ClassificationExample("e", 1, 1)]  # probability 0 of its actual class
     evaluate = classification_evaluator(ClassificationDataset(examples, CharTokenizer(), 8).batches(4))  # type: ignore[arg-type]
     assert evaluate(TableModel()) == {"val_loss": pytest.approx(-math.log(1e-12)), "val_accuracy": 0.0}

@@ -6,9 +6,9 @@ import torch
 
 from llm.config import get_preset
 from llm.data.instructions import (
-    Example,
     Instruction,
-    collate,
+    InstructionExample,
+    collate_instructions,
     encode,
     format_prompt,
     load_instructions,
@@ -23,25 +23,25 @@ from llm.model import GPT
 from llm.tokenizer import EOT_ID, get_tokenizer
 
 E, X = EOT_ID, -100
-BATCH = [Example([1, 2, 3, 4, 5], 3), Example([6, 7], 1), Example([8, 9, 10], 2)]
+BATCH = [InstructionExample([1, 2, 3, 4, 5], 3), InstructionExample([6, 7], 1), InstructionExample([8, 9, 10], 2)]
 
 
 def test_collate_pads_shifts_and_keeps_the_first_end_of_text() -> None:
-    inputs, targets = collate(BATCH)
+    inputs, targets = collate_instructions(BATCH)
     assert inputs.dtype == targets.dtype == torch.int64
     assert inputs.tolist() == [[1, 2, 3, 4, 5], [6, 7, E, E, E], [8, 9, 10, E, E]]
     assert targets.tolist() == [[2, 3, 4, 5, E], [7, E, X, X, X], [9, 10, E, X, X]]
 
 
 def test_collate_masks_the_prompt_targets() -> None:
-    inputs, targets = collate(BATCH, mask_prompt=True)
+    inputs, targets = collate_instructions(BATCH, mask_prompt=True)
     assert inputs.tolist() == [[1, 2, 3, 4, 5], [6, 7, E, E, E], [8, 9, 10, E, E]]
     # row 0: tokens 1..3 are prompt, so the targets 2 and 3 (predicting prompt tokens) are ignored
     assert targets.tolist() == [[X, X, 4, 5, E], [7, E, X, X, X], [X, 10, E, X, X]]
 
 
 def test_collate_truncates_to_allowed_max_length() -> None:
-    inputs, targets = collate(BATCH, mask_prompt=True, allowed_max_length=3)
+    inputs, targets = collate_instructions(BATCH, mask_prompt=True, allowed_max_length=3)
     assert inputs.tolist() == [[1, 2, 3], [6, 7, E], [8, 9, 10]]
     assert targets.tolist() == [[X, X, 4], [7, E, X], [X, 10, E]]
 
@@ -49,19 +49,19 @@ def test_collate_truncates_to_allowed_max_length() -> None:
 def test_trainable_drops_examples_whose_prompt_fills_the_window() -> None:
     # prompt lengths 3, 1, 2: at max_length 2 the first example's targets would all be ignored
     assert trainable(BATCH, 2, mask_prompt=True) == BATCH[1:]
-    _, targets = collate(BATCH[1:], mask_prompt=True, allowed_max_length=2)
+    _, targets = collate_instructions(BATCH[1:], mask_prompt=True, allowed_max_length=2)
     assert bool(((targets != X).sum(dim=1) > 0).all())
     assert trainable(BATCH, 3, mask_prompt=True) == BATCH
     assert trainable(BATCH, 1, mask_prompt=False) == BATCH  # unmasked, every example keeps a target
-    _, all_ignored = collate(BATCH[:1], mask_prompt=True, allowed_max_length=2)
+    _, all_ignored = collate_instructions(BATCH[:1], mask_prompt=True, allowed_max_length=2)
     assert bool((all_ignored == X).all())  # what trainable() prevents
     with pytest.raises(LLMError, match="max_length must be positive"):
         trainable(BATCH, 0, mask_prompt=True)
 
 
 def test_loss_on_collated_batch_counts_only_unmasked_targets() -> None:
-    _, full = collate(BATCH)
-    _, masked = collate(BATCH, mask_prompt=True)
+    _, full = collate_instructions(BATCH)
+    _, masked = collate_instructions(BATCH, mask_prompt=True)
     assert int((full != X).sum()) == 5 + 2 + 3 and int((masked != X).sum()) == 3 + 2 + 2
 
 

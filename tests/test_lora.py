@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from llm.checkpoint import WEIGHTS_FILE, load_model, save_model
-from llm.classifier import LoRAConfig
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.lora import (
+    LoRAConfig,
     LoRALinear,
     apply_lora,
     load_trainable,

@@ -103,7 +103,7 @@ def test_spam_rows_round_trip_with_lf_or_crlf(rows: list[tuple[str, str]], crlf:
     parsed = classification.read_labeled_tsv(path, LABELS)
     assert parsed.skipped == []
     assert parsed.examples == [
-        classification.Example(text, LABELS.index(label), i + 1) for i, (label, text) in enumerate(rows)
+        classification.ClassificationExample(text, LABELS.index(label), i + 1) for i, (label, text) in enumerate(rows)
     ]
 
 
@@ -242,9 +242,9 @@ TOKENS = st.lists(st.integers(0, EOT_ID), min_size=1, max_size=20)
 
 
 @st.composite
-def instruction_examples(draw: st.DrawFn) -> instructions.Example:
+def instruction_examples(draw: st.DrawFn) -> instructions.InstructionExample:
     ids = draw(TOKENS)
-    return instructions.Example(ids, draw(st.integers(1, len(ids))))
+    return instructions.InstructionExample(ids, draw(st.integers(1, len(ids))))
 
 
 @relaxed
@@ -252,9 +252,9 @@ def instruction_examples(draw: st.DrawFn) -> instructions.Example:
     st.lists(instruction_examples(), min_size=1, max_size=6), st.booleans(), st.one_of(st.none(), st.integers(1, 25))
 )
 def test_instruction_collate_shifts_pads_and_masks(
-    batch: list[instructions.Example], mask_prompt: bool, limit: int | None
+    batch: list[instructions.InstructionExample], mask_prompt: bool, limit: int | None
 ) -> None:
-    inputs, targets = instructions.collate(batch, mask_prompt=mask_prompt, allowed_max_length=limit)
+    inputs, targets = instructions.collate_instructions(batch, mask_prompt=mask_prompt, allowed_max_length=limit)
     longest = max(len(ex.ids) for ex in batch)
     width = longest if limit is None else min(longest, limit)
     assert inputs.shape == targets.shape == (len(batch), width) and inputs.dtype == targets.dtype == torch.long
@@ -271,7 +271,7 @@ def test_instruction_collate_shifts_pads_and_masks(
 @relaxed
 @given(st.lists(st.tuples(TOKENS, st.integers(0, 1)), min_size=1, max_size=6))
 def test_classification_collate_right_pads_and_keeps_the_last_real_token(items: list[tuple[list[int], int]]) -> None:
-    batch = classification.collate(items)
+    batch = classification.collate_classification(items)
     longest = max(len(ids) for ids, _ in items)
     assert batch.ids.shape == (len(items), longest)
     assert batch.lengths.tolist() == [len(ids) for ids, _ in items]

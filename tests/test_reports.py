@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.classification import Example
+from llm.data.classification import ClassificationExample
 from llm.data.instructions import Instruction
 from llm.evaluation import JudgeResult
 from llm.reports import save_figure, write_classifier_reports, write_evaluation_report, write_rouge_csv
@@ -31,7 +31,12 @@ def test_save_figure_draws_and_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_classifier_reports_list_every_message_and_the_wrong_ones(tmp_path: Path) -> None:
-    examples = [Example("hello", 0, 2), Example("WIN cash", 1, 5), Example("see you", 0, 7), Example("FREE", 1, 9)]
+    examples = [
+        ClassificationExample("hello", 0, 2),
+        ClassificationExample("WIN cash", 1, 5),
+        ClassificationExample("see you", 0, 7),
+        ClassificationExample("FREE", 1, 9),
+    ]
     labels = np.array([0, 1, 0, 1])
     probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
     confusion = [[1, 1], [1, 1]]

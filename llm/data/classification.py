@@ -17,14 +17,13 @@ import tiktoken
 import torch
 from torch.utils.data import Dataset
 
+from llm.data import SPLITS
 from llm.errors import LLMError
 from llm.tokenizer import EOT_ID
 
-SPLITS = ("train", "val", "test")
-
 
 @dataclass(frozen=True)
-class Example:
+class ClassificationExample:
     """One labelled text; `label` indexes the label names; `line` is its 1-based line in the source file."""
 
     text: str
@@ -36,7 +35,7 @@ class Example:
 class LabeledFile:
     """The examples of a file, plus the bad rows that were skipped ("line N: reason") when skipping is allowed."""
 
-    examples: list[Example]
+    examples: list[ClassificationExample]
     skipped: list[str]
 
 
@@ -55,7 +54,7 @@ def read_labeled_tsv(path: str | Path, labels: Sequence[str], *, skip_bad_rows: 
     rows = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if rows[-1] == b"":
         rows.pop()  # the newline ending the last line
-    examples: list[Example] = []
+    examples: list[ClassificationExample] = []
     skipped: list[str] = []
     for number, raw in enumerate(rows, start=1):
         problem = None
@@ -71,7 +70,7 @@ def read_labeled_tsv(path: str | Path, labels: Sequence[str], *, skip_bad_rows: 
             elif not fields[1].strip():
                 problem = "empty text"
         if problem is None:
-            examples.append(Example(fields[1], index[fields[0]], number))
+            examples.append(ClassificationExample(fields[1], index[fields[0]], number))
         elif skip_bad_rows:
             skipped.append(f"line {number}: {problem}")
         else:
@@ -81,7 +80,7 @@ def read_labeled_tsv(path: str | Path, labels: Sequence[str], *, skip_bad_rows: 
     return LabeledFile(examples, skipped)
 
 
-def balance_classes(examples: Sequence[Example], seed: int) -> list[Example]:
+def balance_classes(examples: Sequence[ClassificationExample], seed: int) -> list[ClassificationExample]:
     """Undersample every class to the size of the smallest one (a seeded random choice; file order kept)."""
     by_class = _by_class(examples)
     smallest = min(len(group) for group in by_class.values())
@@ -90,7 +89,9 @@ def balance_classes(examples: Sequence[Example], seed: int) -> list[Example]:
     return sorted(kept, key=lambda e: e.line)
 
 
-def stratified_split(examples: Sequence[Example], fractions: Sequence[float], seed: int) -> dict[str, list[Example]]:
+def stratified_split(
+    examples: Sequence[ClassificationExample], fractions: Sequence[float], seed: int
+) -> dict[str, list[ClassificationExample]]:
     """Split into train/val/test with `fractions` (summing to 1) of every class, after a seeded shuffle.
 
     Per class of n examples, train gets round(n * f_train), val round(n * f_val), test the rest. Each split
@@ -101,7 +102,7 @@ def stratified_split(examples: Sequence[Example], fractions: Sequence[float], se
             f"split fractions must be three non-negative numbers (train, val, test) summing to 1, got {list(fractions)}"
         )
     rng = random.Random(seed)
-    splits: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    splits: dict[str, list[ClassificationExample]] = {name: [] for name in SPLITS}
     for group in _by_class(examples).values():
         group = list(group)
         rng.shuffle(group)
@@ -116,8 +117,8 @@ def stratified_split(examples: Sequence[Example], fractions: Sequence[float], se
     return splits
 
 
-def _by_class(examples: Sequence[Example]) -> dict[int, list[Example]]:
-    groups: dict[int, list[Example]] = {}
+def _by_class(examples: Sequence[ClassificationExample]) -> dict[int, list[ClassificationExample]]:
+    groups: dict[int, list[ClassificationExample]] = {}
     for e in examples:
         groups.setdefault(e.label, []).append(e)
     return dict(sorted(groups.items()))
@@ -137,7 +138,11 @@ class ClassificationDataset(Dataset):
     """Tokenised examples: `ds[i]` → (ids: list[int] of 1..max_length tokens, label: int)."""
 
     def __init__(
-        self, examples: Sequence[Example], tokenizer: tiktoken.Encoding, max_length: int, append_eot: bool = False
+        self,
+        examples: Sequence[ClassificationExample],
+        tokenizer: tiktoken.Encoding,
+        max_length: int,
+        append_eot: bool = False,
     ) -> None:
         self.examples = list(examples)
         self.ids = [encode_text(tokenizer, e.text, max_length, append_eot) for e in self.examples]
@@ -150,7 +155,7 @@ class ClassificationDataset(Dataset):
 
     def batch(self, indices: Iterable[int]) -> ClassificationBatch:
         """The examples at `indices` (any integer type, e.g. a numpy array), collated in that order."""
-        return collate([self[int(i)] for i in indices])
+        return collate_classification([self[int(i)] for i in indices])
 
     def batches(self, batch_size: int) -> list[ClassificationBatch]:
         """The whole dataset in order, as batches of `batch_size` examples (the last one may be smaller)."""
@@ -170,7 +175,7 @@ class ClassificationBatch(NamedTuple):
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
 
 
-def collate(items: Sequence[tuple[list[int], int]], pad_id: int = EOT_ID) -> ClassificationBatch:
+def collate_classification(items: Sequence[tuple[list[int], int]], pad_id: int = EOT_ID) -> ClassificationBatch:
     """Right-pad token lists to the longest in the batch (so a row's last real token is at `lengths - 1`)."""
     lengths = [len(ids) for ids, _ in items]
     ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)

@@ -21,6 +21,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from llm.data import SPLITS
 from llm.errors import LLMError
 from llm.generate import GenerationConfig, generate
 from llm.model import GPT
@@ -29,7 +30,6 @@ from llm.tokenizer import EOT_ID
 KEYS = ("instruction", "input", "output")
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_HEADER = "### Response:\n"
-SPLITS = ("train", "test", "val")
 IGNORE_INDEX = -100
 
 
@@ -40,7 +40,7 @@ class Instruction:
     output: str
 
 
-class Example(NamedTuple):
+class InstructionExample(NamedTuple):
     """A tokenized entry: `ids` = prompt tokens + output tokens (no end-of-text); the first `prompt_len` are prompt."""
 
     ids: list[int]
@@ -125,14 +125,16 @@ def split_entries(
     return splits
 
 
-def encode(entries: Sequence[Instruction], tokenizer: tiktoken.Encoding) -> list[Example]:
+def encode(entries: Sequence[Instruction], tokenizer: tiktoken.Encoding) -> list[InstructionExample]:
     """Tokenize each entry as prompt + output; special-token text in the data is encoded as ordinary text."""
     prompts = tokenizer.encode_ordinary_batch([format_prompt(e) for e in entries])
     outputs = tokenizer.encode_ordinary_batch([e.output for e in entries])
-    return [Example(p + o, len(p)) for p, o in zip(prompts, outputs, strict=True)]
+    return [InstructionExample(p + o, len(p)) for p, o in zip(prompts, outputs, strict=True)]
 
 
-def trainable(examples: Sequence[Example], max_length: int, *, mask_prompt: bool) -> list[Example]:
+def trainable(
+    examples: Sequence[InstructionExample], max_length: int, *, mask_prompt: bool
+) -> list[InstructionExample]:
     """The examples that keep at least one target after truncation to `max_length` tokens.
 
     With `mask_prompt` an example whose prompt alone fills `max_length` (prompt_len > max_length) would have
@@ -144,8 +146,8 @@ def trainable(examples: Sequence[Example], max_length: int, *, mask_prompt: bool
     return [ex for ex in examples if not mask_prompt or ex.prompt_len <= max_length]
 
 
-def collate(
-    batch: Sequence[Example],
+def collate_instructions(
+    batch: Sequence[InstructionExample],
     *,
     mask_prompt: bool = False,
     allowed_max_length: int | None = None,
