@@ -24,7 +24,8 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """The torch device for `name` ("auto", "cpu", "cuda", "cuda:1", "mps"); "auto" prefers cuda, then mps.
 
-    A bare "cuda" becomes `cuda:<local_rank>` so each process of a multi-GPU run takes its own GPU.
+    A bare "cuda" becomes `cuda:<local_rank>` so each process of a multi-GPU run takes its own GPU. A device this
+    machine cannot allocate on is an LLMError.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -38,6 +39,10 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         device = torch.device("cuda", local_rank if device.index is None else device.index)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LLMError(f"device {name!r} requested but MPS is not available on this machine")
+    try:
+        torch.empty(0, device=device)  # e.g. a GPU index this machine lacks
+    except (RuntimeError, AssertionError) as err:
+        raise LLMError(f"device {name!r} is not usable here ({str(err).splitlines()[0]})") from err
     return device
 
 
