@@ -66,7 +66,8 @@ class Trainer:
             llm.losses.PAD_VOCAB = 1
         self.model = model.to(self.device).train()
         if name.startswith("ours"):  # through the project's training code: its optimizer set-up
-            from llm.training import TrainConfig, make_optimizer
+            from llm.optimizer import make_optimizer
+            from llm.train_config import TrainConfig
 
             self.optimizer = make_optimizer(self.model, TrainConfig(lr=4e-4, weight_decay=0.1))
         else:

@@ -1,142 +1,100 @@
-"""Model directories: `config.json` ({"model": GPTConfig fields, ...extra}) + `model.safetensors`.
+"""Training checkpoints: everything needed to resume a run exactly.
 
-Weights are only ever read with safetensors (never unpickled); every write is atomic. A tied LM head is
-stored once, under `tok_emb.weight`. The helpers below (`read_json`, `read_safetensors`,
-`write_safetensors`, `build_model`) are shared with the Hugging Face converter in `llm.hf`.
+A checkpoint is a directory `step-NNNNNNNN/` holding `model.safetensors` (every tensor of the model, shared
+ones once), `best.safetensors` (the best trainable weights, with `restore_best`) and `state.pt` (optimizer,
+loss scaler, step, tokens, best metric, metric history and the sha256 of the weight files; plain tensors and
+containers, loaded with `torch.load(weights_only=True)`). It is written into a temporary directory that is
+renamed into place, so a checkpoint directory is complete or absent; one whose files fail their sha256 is
+skipped with a warning, never loaded.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-from llm.config import GPTConfig, from_mapping
 from llm.errors import LLMError
-from llm.io import atomic_path, write_json
-from llm.model import GPT
+from llm.io import sha256_file
+from llm.model_dir import WEIGHTS_FILE, read_safetensors, write_safetensors
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PathLike = str | os.PathLike[str]
+STATE_FILE, BEST_FILE = "state.pt", "best.safetensors"
 
 
-def provenance(stage: str, summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The `training` entry of a trained model's config.json: the stage and its `summary` (steps, epochs, best
-    loss, ...) without wall times, throughput or run ids, so the same weights always come with the same bytes
-    (a rerun that reproduces them leaves DVC's downstream stages up to date). Timings live in the metrics."""
-    volatile = ("seconds", "per_s", "run_id")
-    return {"training": {"stage": stage, **{k: v for k, v in summary.items() if not any(w in k for w in volatile)}}}
-
-
-def save_model(model: GPT, directory: PathLike, *, extra: Mapping[str, Any] | None = None) -> None:
-    """Write `model` to `directory` (created if needed): weights first, then config.json.
-
-    extra: more JSON-serialisable top-level config entries (e.g. training metadata); "model" is reserved.
-    """
-    if extra and "model" in extra:
-        raise LLMError("save_model: the 'model' key of config.json is reserved for the GPTConfig")
-    state = model.state_dict()
-    if model.lm_head.weight is model.tok_emb.weight:
-        del state["lm_head.weight"]
-    directory = Path(directory)
-    write_safetensors(directory / WEIGHTS_FILE, state)
+def save_checkpoint(
+    checkpoint_dir: Path, model: nn.Module, state: dict[str, Any], *, best: dict[str, torch.Tensor]
+) -> Path:
+    """Write `checkpoint_dir/step-NNNNNNNN/` atomically (temp dir + rename); return its path."""
+    final = checkpoint_dir / f"step-{state['step']:08d}"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=checkpoint_dir))
     try:
-        write_json(directory / CONFIG_FILE, {"model": model.config.to_dict(), **(extra or {})})
-    except OSError as err:
-        raise LLMError(f"cannot write {directory / CONFIG_FILE}: {err.strerror or err}") from err
+        files = {WEIGHTS_FILE: unique_state(model), **({BEST_FILE: best} if best else {})}
+        for name, tensors in files.items():
+            write_safetensors(tmp / name, tensors)
+        state = {**state, "sha256": {name: sha256_file(tmp / name) for name in files}}
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. a resumed run interrupted at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
-def read_config(directory: PathLike) -> dict[str, Any]:
-    """The whole config.json of a model directory; its "model" entry holds the GPTConfig fields."""
-    data = read_json(_model_dir(directory) / CONFIG_FILE)
-    if not isinstance(data.get("model"), dict):
-        raise LLMError(f"{Path(directory) / CONFIG_FILE} has no 'model' section: not an llm model directory")
-    return data
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (temporary ones are never listed)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
 
 
-def load_model(directory: PathLike, *, device: torch.device | str | None = None) -> GPT:
-    """The GPT saved in `directory`, in eval mode, on `device` (default CPU), in the dtype it was saved in."""
-    directory = _model_dir(directory)
-    config = from_mapping(GPTConfig, read_config(directory)["model"], where=f"{directory / CONFIG_FILE}: model")
-    path = directory / WEIGHTS_FILE
-    return build_model(config, read_safetensors(path, device), source=str(path))
+def load_checkpoint(
+    checkpoint_dir: Path, model: nn.Module
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Load the newest intact checkpoint's weights into `model`; (path, state, best weights) or None.
 
-
-def build_model(config: GPTConfig, state: Mapping[str, torch.Tensor], *, source: str) -> GPT:
-    """A GPT of shape `config` holding exactly the tensors in `state` (no random init, no copies).
-
-    A tied head may be omitted from `state`. Missing, unexpected or mis-shaped tensors raise an LLMError
-    naming `source` (the file they came from).
+    A checkpoint that cannot be read or fails its sha256 check is skipped with a warning.
     """
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = dict(model.state_dict())
-    if config.tie_weights:
-        del expected["lm_head.weight"]
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise LLMError(
-            f"{source} does not match its config ({config.n_layers} layers): "
-            f"missing {_few(missing)}, unexpected {_few(unexpected)}"
-        )
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+            for name, digest in state["sha256"].items():
+                if sha256_file(path / name) != digest:
+                    raise LLMError(f"{name} does not match its sha256")
+            weights = read_safetensors(path / WEIGHTS_FILE)
+            best = read_safetensors(path / BEST_FILE) if BEST_FILE in state["sha256"] else {}
+        except Exception as err:  # any damage: unreadable, truncated, missing keys
+            print(f"warning: skipping damaged checkpoint {path}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        aliases = set(model.state_dict()) - set(unique_state(model))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if set(missing) - aliases or unexpected:
             raise LLMError(
-                f"{source}: {name} has shape {tuple(state[name].shape)}, the config expects {tuple(tensor.shape)}"
+                f"checkpoint {path} does not fit this model (missing {sorted(set(missing) - aliases)[:3]}, "
+                f"unexpected {unexpected[:3]}): delete {checkpoint_dir} to start over"
             )
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_weights:
-        model.lm_head.weight = model.tok_emb.weight
-    return model.eval()
+        return path, state, best
+    return None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or an LLMError saying why it cannot be read."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise LLMError(f"{path} not found") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LLMError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise LLMError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def read_safetensors(path: Path, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file on `device` (default CPU); a damaged file is an LLMError."""
-    if not path.is_file():
-        raise LLMError(f"{path} not found")
-    try:
-        return load_file(path, device=str(device or "cpu"))
-    except (SafetensorError, OSError) as err:
-        raise LLMError(f"{path} is not a valid safetensors file, it may be truncated or corrupt ({err})") from err
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Atomically write `tensors` (moved to CPU, made contiguous) with the {"format": "pt"} metadata."""
-    try:
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    except OSError as err:
-        raise LLMError(f"cannot write {path}: {err.strerror or err}") from err
-
-
-def _model_dir(directory: PathLike) -> Path:
-    path = Path(directory)
-    if not path.is_dir():
-        raise LLMError(f"model directory {path} not found")
-    return path
-
-
-def _few(names: list[str], limit: int = 3) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tensors that share storage (a tied LM head) kept once, under the first name."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out

@@ -23,17 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from llm.checkpoint import WEIGHTS_FILE, load_model, read_json, read_safetensors, write_safetensors
 from llm.config import GPTConfig, from_mapping
 from llm.data.classification import collate_classification, encode_text
 from llm.errors import LLMError
-from llm.io import sha256_file, write_json
+from llm.io import PathLike, read_json, sha256_file, write_json
 from llm.lora import LoRAConfig, apply_lora, load_trainable, remove_lora, save_trainable
 from llm.model import GPT
+from llm.model_dir import WEIGHTS_FILE, load_model, read_safetensors, write_safetensors
 
 META_FILE = "classifier.json"
 ADAPTER_FILE = "adapter.safetensors"
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("import-hf", "convert OpenAI GPT-2 weights (Hugging Face layout) to our model directory", _import_arguments)
 def import_hf_command(args: argparse.Namespace) -> None:
-    from llm.checkpoint import save_model
     from llm.hf import import_hf
+    from llm.model_dir import save_model
 
     model = import_hf(args.src)
     save_model(model, args.out, extra={"source": str(args.src)})
@@ -132,8 +132,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("export-hf", "write a model in the Hugging Face GPT-2 layout", _export_arguments)
 def export_hf_command(args: argparse.Namespace) -> None:
-    from llm.checkpoint import load_model
     from llm.hf import export_hf
+    from llm.model_dir import load_model
 
     model = load_model(args.model_dir)
     export_hf(model, args.out)

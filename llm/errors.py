@@ -1,4 +1,4 @@
-"""The one exception type the library raises for problems a user can fix (bad input, config, files)."""
+"""The library's exceptions: `LLMError` for problems a user can fix, `Interrupted` for a run stopped by a signal."""
 
 
 class LLMError(Exception):
@@ -6,3 +6,11 @@ class LLMError(Exception):
 
     Entry points (CLI, stages) print it as a single line and exit non-zero instead of showing a traceback.
     """
+
+
+class Interrupted(LLMError):
+    """The run was stopped by a signal (SIGINT/SIGTERM); `signum` names it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum

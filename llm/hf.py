@@ -19,20 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm.checkpoint import (
+from llm.config import GPTConfig
+from llm.errors import LLMError
+from llm.io import PathLike, read_json, sha256_file, write_json
+from llm.model import GPT
+from llm.model_dir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    PathLike,
-    build_model,
     load_model,
-    read_json,
+    model_from_state,
     read_safetensors,
     write_safetensors,
 )
-from llm.config import GPTConfig
-from llm.errors import LLMError
-from llm.io import sha256_file, write_json
-from llm.model import GPT
 from llm.tokenizer import EOT_ID
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -69,7 +67,7 @@ def import_hf(src: PathLike, *, device: torch.device | str | None = None) -> GPT
     if missing or unexpected:
         raise LLMError(f"{source} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     state = {ours: _convert(ours, hf_state.pop(hf)) for ours, hf in names.items()}  # pop: one copy at a time
-    return build_model(config, state, source=source)
+    return model_from_state(config, state, source=source)
 
 
 def export_hf(model: GPT, out_dir: PathLike) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm.checkpoint import read_safetensors, write_safetensors
 from llm.errors import LLMError
+from llm.model_dir import read_safetensors, write_safetensors
 
 
 @dataclass(frozen=True)

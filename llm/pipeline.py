@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from llm.errors import LLMError
-from llm.tracking import DEFAULT_EXPERIMENT, PARENT_RUN_ENV, repo_root, tracking_uri
-from llm.tracking import _redact as redact  # user:password@ stripped from URLs before printing
+from llm.paths import repo_root
+from llm.signals import relay_to
+from llm.tracking import PARENT_RUN_ENV, get_or_create_experiment, git_commit, redact, tracking_uri
 
 ACTIONS: dict[str, tuple[str, ...]] = {"repro": ("repro",), "exp-run": ("exp", "run")}
 
@@ -51,7 +49,7 @@ def run_pipeline(action: str, dvc_args: Sequence[str] = (), *, dvc: str | None =
     received: list[int] = []
     status, code = "FAILED", 1
     try:
-        with _relay_signals(child, received):
+        with relay_to(child, received):
             child.append(subprocess.Popen(command, env=env))
             code = child[0].wait()
     except FileNotFoundError as err:
@@ -71,21 +69,14 @@ def _start_parent(action: str, command: list[str]) -> tuple[Any, str] | None:
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = (
-                Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:") else None
-            )
-            client.create_experiment(name, artifact_location=artifacts.as_uri() if artifacts else None)
-            experiment = client.get_experiment_by_name(name)
+        experiment_id = get_or_create_experiment(client, uri)
         tags = {
             "llm.pipeline": action,
             "dvc.command": " ".join(["dvc", *command[1:]]),
             "mlflow.source.name": "llm pipeline",
-            **_git_commit(),
+            **git_commit(repo_root()),
         }
-        run = client.create_run(experiment.experiment_id, run_name=f"pipeline {action}", tags=tags)
+        run = client.create_run(experiment_id, run_name=f"pipeline {action}", tags=tags)
     except Exception as err:
         print(
             f"warning: MLflow at {redact(uri)} failed ({type(err).__name__}: {redact(str(err))}); "
@@ -107,32 +98,3 @@ def _end_parent(parent: tuple[Any, str], status: str, code: int) -> None:
             f"warning: could not end MLflow parent run {run_id} ({type(err).__name__}: {redact(str(err))})",
             file=sys.stderr,
         )
-
-
-def _git_commit() -> dict[str, str]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=20, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"mlflow.source.git.commit": commit}
-
-
-@contextmanager
-def _relay_signals(child: list[subprocess.Popen[bytes]], received: list[int]) -> Iterator[None]:
-    """While active, SIGINT and SIGTERM are recorded in `received` instead of stopping the wrapper. SIGTERM is
-    passed on to the child; SIGINT is not, as Ctrl-C already reaches DVC through the terminal's process group
-    (a second one would make the stages stop without a checkpoint)."""
-
-    def relay(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if signum == signal.SIGTERM and child:
-            child[0].send_signal(signum)
-
-    previous = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

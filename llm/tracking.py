@@ -21,47 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from llm.allocator import memory_tags
-from llm.errors import LLMError
-from llm.io import atomic_path, write_json
+from llm.errors import Interrupted, LLMError
+from llm.io import PathLike, atomic_path, read_json, write_json
+from llm.paths import repo_root
+from llm.signals import handling, raise_interrupted, sigterm_held_back
 
 PARENT_RUN_ENV = "LLM_MLFLOW_PARENT_RUN_ID"
 MLFLOW_SWITCH_ENV = "LLM_MLFLOW"
 DEFAULT_EXPERIMENT = "llm"
 _BATCH = 500  # metrics per MLflow log_batch call (its limit is 1000)
-
-
-class Interrupted(LLMError):
-    """The run was stopped by a signal (SIGINT/SIGTERM); `signum` names it."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """The repository a stage runs in: the real one for DVC's temporary experiment copies
-    (`<repo>/.dvc/tmp/exps/...`), else the nearest ancestor holding `.dvc` or `.git` (else `start`)."""
-    here = (start or Path.cwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return next((p for p in (here, *here.parents) if (p / ".dvc").is_dir() or (p / ".git").exists()), here)
 
 
 def tracking_uri(start: Path | None = None) -> str:
@@ -94,7 +75,7 @@ class Tracker:
         self,
         stage: str,
         *,
-        root: str | os.PathLike[str] = ".",
+        root: PathLike = ".",
         upstream: tuple[str, ...] = (),
         mlflow: bool | None = None,
         uri: str | None = None,
@@ -113,14 +94,13 @@ class Tracker:
         self._client: Any = None  # None once tracking is off (never started, or a call failed)
         self._run_client: Any = None  # the client that created the run: it also ends it
         self._pending: list[Any] = []
-        self._previous_handler: Any = None
+        self._sigterm = contextlib.ExitStack()  # SIGTERM raises Interrupted until close
         if mlflow is None:
             mlflow = os.environ.get(MLFLOW_SWITCH_ENV, "on").lower() not in ("0", "off", "false", "no")
-        if threading.current_thread() is threading.main_thread():  # before the run exists: it can always be ended
-            self._previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+        self._sigterm.enter_context(handling((signal.SIGTERM,), raise_interrupted))  # before the run exists
         try:
             if mlflow:
-                with _sigterm_held_back():  # MLflow start-up takes seconds and would swallow the signal
+                with sigterm_held_back():  # MLflow start-up takes seconds and would swallow the signal
                     try:
                         self._start()
                     except Exception as err:
@@ -172,7 +152,7 @@ class Tracker:
         """A JSON/YAML artifact (by the file's extension), e.g. "config.json" (MLflow only)."""
         self._mlflow(lambda: self._client.log_dict(self.run_id, dict(data), artifact_file))
 
-    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: PathLike, artifact_path: str | None = None) -> None:
         """A local file or directory as an artifact (MLflow only)."""
         self._mlflow(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
@@ -187,7 +167,7 @@ class Tracker:
             return
         self.status = status
         try:
-            with _sigterm_held_back():
+            with sigterm_held_back():
                 self._send_metrics()
                 if status == "FINISHED":
                     self._write_dvc_files()
@@ -201,8 +181,7 @@ class Tracker:
             if self.run_id is not None:
                 self._client = self._run_client
                 self._mlflow(lambda: self._client.set_terminated(self.run_id, self.status))
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)
+            self._sigterm.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -220,23 +199,15 @@ class Tracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            local = self.uri.startswith("sqlite:")  # keep artifacts beside the store, not in a DVC temp copy
-            store = Path(self.uri.removeprefix("sqlite:///")).resolve()
-            location = (store.parent / "mlartifacts").as_uri() if local else None
-            with contextlib.suppress(Exception):  # another process may have created it meanwhile
-                client.create_experiment(name, artifact_location=location)
-            experiment = client.get_experiment_by_name(name)
+        experiment_id = get_or_create_experiment(client, self.uri)
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         tags = {"dvc.stage": self.stage, "dvc.exp_name": exp_name, "mlflow.source.name": f"stages.{self.stage}"}
-        tags |= _git_tags(self.root) | {f"system.{k}": v for k, v in memory_tags().items()}
+        tags |= git_tags(self.root) | {f"system.{k}": v for k, v in memory_tags().items()}
         if parent := os.environ.get(PARENT_RUN_ENV):
             tags["mlflow.parentRunId"] = parent
         run_name = f"{self.stage} ({exp_name})" if exp_name else self.stage
-        run = client.create_run(experiment.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-        self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment_id
         self._run_client = client
 
     def _write_dvc_files(self) -> None:
@@ -247,7 +218,7 @@ class Tracker:
                 writer = csv.writer(f)
                 writer.writerow(["step", key])
                 writer.writerows(sorted(points.items()))
-        uri = _redact(self.uri)
+        uri = redact(self.uri)
         run = {"run_id": self.run_id, "tracking_uri": uri, "experiment_id": self.experiment_id}
         write_json(self.run_file, run if self.run_id else {"run_id": None, "tracking_uri": None})
 
@@ -260,7 +231,7 @@ class Tracker:
         """Run an MLflow call; on the first failure warn once and continue without MLflow."""
         if self._client is None:
             return
-        with _sigterm_held_back():  # a SIGTERM during the call is delivered after it, never mistaken for its error
+        with sigterm_held_back():  # a SIGTERM during the call is delivered after it, never mistaken for its error
             try:
                 call()
             except Exception as err:
@@ -268,7 +239,7 @@ class Tracker:
 
     def _disable(self, err: Exception) -> None:
         print(
-            f"warning: MLflow at {_redact(self.uri)} failed ({type(err).__name__}: {_redact(str(err))[:300]}); "
+            f"warning: MLflow at {redact(self.uri)} failed ({type(err).__name__}: {redact(str(err))[:300]}); "
             f"continuing without it: metrics go to {self.metrics_file} and {self.plots_dir}/ only",
             file=sys.stderr,
         )
@@ -300,61 +271,59 @@ class Tracker:
         return figure
 
 
-@contextlib.contextmanager
-def _sigterm_held_back() -> Iterator[None]:
-    """Within the block a SIGTERM is only recorded; when the block ends it goes to the handler the block replaced
-    (ours raises `Interrupted`; an enclosing block records it in turn). Main thread only (elsewhere a no-op).
-    Signal masks would not do: torch's worker threads would take the signal instead."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append(signum))
+def get_or_create_experiment(client: Any, uri: str) -> str:
+    """The id of experiment `$MLFLOW_EXPERIMENT_NAME` (default "llm") in `client`'s store at `uri`, created if
+    missing; with a SQLite store its artifacts go beside the store (not into a DVC temporary copy)."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        local = uri.startswith("sqlite:")
+        store = Path(uri.removeprefix("sqlite:///")).resolve()
+        location = (store.parent / "mlartifacts").as_uri() if local else None
+        with contextlib.suppress(Exception):  # another process may have created it meanwhile
+            client.create_experiment(name, artifact_location=location)
+        experiment = client.get_experiment_by_name(name)
+    return str(experiment.experiment_id)
+
+
+def git_commit(root: Path) -> dict[str, str]:
+    """{"mlflow.source.git.commit": HEAD} of the repository at `root`; {} when git cannot tell."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if arrived and callable(previous):
-        previous(signal.SIGTERM, None)
-    elif arrived and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGTERM)
+        return {"mlflow.source.git.commit": _git(root, "rev-parse", "HEAD")}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+def git_tags(root: Path) -> dict[str, str]:
+    """`git_commit` plus "git.dirty" ("true" when tracked files have uncommitted changes); {} without git."""
+    try:
+        commit = git_commit(root)
+        dirty = commit and str(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return commit | {"git.dirty": dirty} if dirty else {}
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password@ part of every URL removed, so no secret lands in a committed file or a log."""
+    return re.sub(r"(?<=//)[^/@\s]+@", "", text)
+
+
+def _git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True)
+    return done.stdout.strip()
 
 
 def _run_id(root: Path, stage: str) -> str | None:
-    path = root / "runs" / f"{stage}.json"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    with contextlib.suppress(LLMError):
+        return read_json(root / "runs" / f"{stage}.json").get("run_id")
     return None
-
-
-def _git_tags(root: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
-        ).stdout.strip()
-
-    try:
-        return {
-            "mlflow.source.git.commit": git("rev-parse", "HEAD"),
-            "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
-        }
-    except (OSError, subprocess.SubprocessError):
-        return {}
 
 
 def _tags(tags: Mapping[str, Any]) -> list[Any]:
     from mlflow.entities import RunTag
 
     return [RunTag(k, str(v)) for k, v in tags.items()]
-
-
-def _redact(text: str) -> str:
-    """`text` with the user:password@ part of every URL removed, so no secret lands in a committed file or a log."""
-    return re.sub(r"(?<=//)[^/@\s]+@", "", text)
 
 
 def _json_number(value: float | int) -> float | int | None:

@@ -9,30 +9,21 @@ forward (DDP synchronises gradients there).
 
 Randomness (dropout) is reseeded from (seed, step, rank) at every step, so the RNG state is a function of
 the step: restoring the step restores it, and evaluation or sampling never shifts the training trajectory.
-A checkpoint is a directory `step-NNNNNNNN/` holding `model.safetensors` (every tensor of the model, shared
-ones once), `best.safetensors` (the best trainable weights, with `restore_best`) and `state.pt` (optimizer,
-loss scaler, step, tokens, best metric, metric history and the sha256 of the weight files; plain tensors and
-containers, loaded with `torch.load(weights_only=True)`). It is written into a temporary directory that is
-renamed into place, so a checkpoint directory is complete or absent; one whose files fail their sha256 is
-skipped with a warning, never loaded. Process rank 0 writes checkpoints and logs.
+Checkpoints (`llm.checkpoint`) hold everything a resumed run needs; process rank 0 writes them and logs.
+The run's settings are a `llm.train_config.TrainConfig`; the optimizer and LR schedule are in `llm.optimizer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import signal
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -41,97 +32,20 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from llm.checkpoint import read_safetensors, write_safetensors
-from llm.config import GPTConfig
-from llm.device import Precision, autocast, resolve_device, resolve_dtype
-from llm.errors import LLMError
-from llm.io import sha256_file
-from llm.tracking import Interrupted, Tracker
+from llm.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llm.device import autocast, resolve_device, resolve_dtype
+from llm.distributed import data_parallel, distributed_env, maybe_no_sync, process_group
+from llm.errors import Interrupted, LLMError
+from llm.flops import flops_per_token
+from llm.io import PathLike
+from llm.optimizer import lr_at, make_optimizer
+from llm.signals import stop_requested
+from llm.tracking import Tracker
+from llm.train_config import TrainConfig
 
 Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Evaluate = Callable[[nn.Module], dict[str, float]]
-STATE_FILE, WEIGHTS_FILE, BEST_FILE = "state.pt", "model.safetensors", "best.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run. Steps count optimizer updates; lr in AdamW units.
-
-    batch_size: sequences per micro-batch per process; a step sees batch_size * grad_accum * processes.
-    warmup_steps: linear warmup from lr/warmup_steps to lr, then cosine decay to min_lr at max_steps.
-    weight_decay: applied to weights of 2+ dimensions only (not to biases, LayerNorm, or 1-D params).
-    grad_clip: maximum global gradient norm (0 = no clipping; the norm is logged either way).
-    eval_every, sample_every, checkpoint_every: in steps (0 = only at the end).
-    keep_checkpoints: how many of the latest checkpoints stay on disk.
-    patience: stop after this many evaluations without a lower `best_metric` (0 = never stop early).
-    restore_best: at the end, load the trainable weights of the evaluation with the lowest best_metric.
-    precision / device: see llm.device ("auto" picks the fastest accurate choice for the hardware).
-    compile: torch.compile the model (falls back to eager mode with a warning if compilation fails).
-    peak_flops: the hardware's peak FLOP/s per process, for model FLOPs utilisation (0 = don't report MFU).
-    """
-
-    max_steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    sample_every: int = 0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    patience: int = 0
-    best_metric: str = "val_loss"
-    restore_best: bool = False
-    precision: Precision = "auto"
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 1337
-    peak_flops: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise LLMError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "patience"):
-            if getattr(self, name) < 0:
-                raise LLMError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise LLMError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise LLMError(f"TrainConfig needs 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise LLMError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("weight_decay", "grad_clip", "peak_flops"):
-            if getattr(self, name) < 0:
-                raise LLMError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-
-
-# The fields `per_epoch` sets (a caller scheduling in epochs leaves them to it).
-PER_EPOCH_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "best_metric", "restore_best")
-
-
-def per_epoch(config: TrainConfig, epochs: int, n_examples: int) -> TrainConfig:
-    """`config` scheduled in epochs over `n_examples` examples: `epochs` passes, an evaluation and a checkpoint at
-    the end of every epoch, and the trainable weights of the epoch with the lowest val_loss restored at the end.
-
-    An epoch is ceil(n_examples / (batch_size * grad_accum)) optimizer steps; the other fields are kept.
-    """
-    if epochs < 1 or n_examples < 1:
-        raise LLMError(f"per_epoch needs epochs >= 1 and n_examples >= 1, got {epochs} and {n_examples}")
-    steps_per_epoch = math.ceil(n_examples / (config.batch_size * config.grad_accum))
-    return dataclasses.replace(
-        config,
-        max_steps=epochs * steps_per_epoch,
-        eval_every=steps_per_epoch,
-        checkpoint_every=steps_per_epoch,
-        best_metric="val_loss",
-        restore_best=True,
-    )
 
 
 @dataclass
@@ -180,47 +94,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for 0-based optimizer step `step`: linear warmup, then cosine decay to min_lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min((step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1), 1.0)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: weight decay on 2+-D weights, none on biases and norms.
-
-    Uses the fused kernel where the device supports it (10-20x faster than the loop on our CPUs), else foreach.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise LLMError("the model has no trainable parameters")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": config.lr, "betas": tuple(config.betas)}
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention (PaLM appendix B)."""
-    n_params = sum(p.numel() for p in model.parameters())
-    config = getattr(model, "config", None)
-    attention = 12 * config.n_layers * config.emb_dim * seq_len if isinstance(config, GPTConfig) else 0
-    return 6.0 * n_params + attention
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) for a single process."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
 def train(
     model: nn.Module,
     train_batch: Callable[[int], Batch],
@@ -229,7 +102,7 @@ def train(
     loss_fn: LossFn = lm_loss,
     evaluate: Evaluate | None = None,
     sample: Callable[[nn.Module], str] | None = None,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_dir: PathLike | None = None,
     tracker: Tracker | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.max_steps` optimizer steps (resuming from `checkpoint_dir`).
@@ -245,18 +118,9 @@ def train(
     """
     _, world, local_rank = distributed_env()
     device = resolve_device(config.device, local_rank)
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        with _stop_on_signals() as stop:
-            hooks = {"loss_fn": loss_fn, "evaluate": evaluate, "sample": sample, "tracker": tracker}
-            return _Loop(model, train_batch, config, device, checkpoint_dir, stop, **hooks).run()
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    with process_group(device, world), stop_requested() as stop:
+        hooks = {"loss_fn": loss_fn, "evaluate": evaluate, "sample": sample, "tracker": tracker}
+        return _Loop(model, train_batch, config, device, checkpoint_dir, stop, **hooks).run()
 
 
 class _Loop:
@@ -268,7 +132,7 @@ class _Loop:
         train_batch: Callable[[int], Batch],
         config: TrainConfig,
         device: torch.device,
-        checkpoint_dir: str | os.PathLike[str] | None,
+        checkpoint_dir: PathLike | None,
         stop: list[int],
         *,
         loss_fn: LossFn,
@@ -295,7 +159,7 @@ class _Loop:
         config, model = self.config, self.model
         self._resume()
         state = self.state
-        net = self._wrap(torch.compile(model) if config.compile else model)
+        net = data_parallel(torch.compile(model) if config.compile else model, self.device, self.world)
         stopped_early = False
         bar = tqdm(
             total=config.max_steps, initial=state.step, unit="step", desc="train", disable=self.rank != 0 or None
@@ -308,7 +172,7 @@ class _Loop:
                 if net is model or not config.compile or state.step != self.start_step:
                     raise
                 print(f"warning: torch.compile failed ({type(err).__name__}: {err}); using eager mode", file=sys.stderr)
-                net = self._wrap(model)
+                net = data_parallel(model, self.device, self.world)
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics, interrupted = self._step(net)
             bar.update()
@@ -381,7 +245,7 @@ class _Loop:
         for micro in range(accum):
             batch = to_device(self.train_batch(step * accum + micro), self.device)
             tokens, seq_len = tokens + batch[0].numel() * self.world, batch[0].shape[-1]
-            with _maybe_no_sync(net, sync=micro == accum - 1), autocast(self.device, self.dtype):
+            with maybe_no_sync(net, sync=micro == accum - 1), autocast(self.device, self.dtype):
                 loss = self.loss_fn(net, batch) / accum
             self.scaler.scale(loss).backward()
             total += loss.detach().float()
@@ -423,12 +287,6 @@ class _Loop:
         bar.write(f"sample at step {self.state.step}: {text!r}")
         if self.tracker is not None:
             self.tracker.log_text(text, f"samples/step_{self.state.step:08d}.txt")
-
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1:
-            return module
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -499,110 +357,5 @@ class _Loop:
         return TrainResult(state, latest, best, stopped_early)
 
 
-def save_checkpoint(
-    checkpoint_dir: Path, model: nn.Module, state: dict[str, Any], *, best: dict[str, torch.Tensor]
-) -> Path:
-    """Write `checkpoint_dir/step-NNNNNNNN/` atomically (temp dir + rename); return its path."""
-    final = checkpoint_dir / f"step-{state['step']:08d}"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=checkpoint_dir))
-    try:
-        files = {WEIGHTS_FILE: unique_state(model), **({BEST_FILE: best} if best else {})}
-        for name, tensors in files.items():
-            write_safetensors(tmp / name, tensors)
-        state = {**state, "sha256": {name: sha256_file(tmp / name) for name in files}}
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. a resumed run interrupted at once)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (temporary ones are never listed)."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit())
-
-
-def load_checkpoint(
-    checkpoint_dir: Path, model: nn.Module
-) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
-    """Load the newest intact checkpoint's weights into `model`; (path, state, best weights) or None.
-
-    A checkpoint that cannot be read or fails its sha256 check is skipped with a warning.
-    """
-    for path in reversed(list_checkpoints(checkpoint_dir)):
-        try:
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-            for name, digest in state["sha256"].items():
-                if sha256_file(path / name) != digest:
-                    raise LLMError(f"{name} does not match its sha256")
-            weights = read_safetensors(path / WEIGHTS_FILE)
-            best = read_safetensors(path / BEST_FILE) if BEST_FILE in state["sha256"] else {}
-        except Exception as err:  # any damage: unreadable, truncated, missing keys
-            print(f"warning: skipping damaged checkpoint {path}: {type(err).__name__}: {err}", file=sys.stderr)
-            continue
-        aliases = set(model.state_dict()) - set(unique_state(model))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if set(missing) - aliases or unexpected:
-            raise LLMError(
-                f"checkpoint {path} does not fit this model (missing {sorted(set(missing) - aliases)[:3]}, "
-                f"unexpected {unexpected[:3]}): delete {checkpoint_dir} to start over"
-            )
-        return path, state, best
-    return None
-
-
-def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with tensors that share storage (a tied LM head) kept once, under the first name."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[list[int]]:
-    """Within the block the first SIGINT/SIGTERM only sets stop[0] = signal number; a second one raises."""
-    stop = [0]
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop[0]:
-            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} (second signal, no checkpoint)")
-        stop[0] = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", file=sys.stderr)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
-
-
-@contextmanager
-def _maybe_no_sync(net: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-    if sync or not isinstance(net, nn.parallel.DistributedDataParallel):
-        yield
-    else:
-        with net.no_sync():
-            yield

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.checkpoint import load_model, read_json
 from llm.data.instructions import encode, read_responses, respond
 from llm.errors import LLMError
 from llm.evaluation import JudgeConfig, heldout_tokens, judge, mean_loss, perplexity, rouge_l_f1
-from llm.io import write_json
+from llm.io import read_json, write_json
+from llm.model_dir import load_model
 from llm.reports import write_evaluation_report, write_rouge_csv
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker, flatten

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from llm.checkpoint import WEIGHTS_FILE, load_model
 from llm.classifier import (
     ClassifierConfig,
     GPTClassifier,
@@ -42,10 +41,12 @@ from llm.data.windows import batch_indices
 from llm.errors import LLMError
 from llm.io import sha256_file, write_json
 from llm.lora import parameter_report
+from llm.model_dir import WEIGHTS_FILE, load_model
 from llm.reports import write_classifier_reports
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
-from llm.training import PER_EPOCH_FIELDS, TrainConfig, per_epoch, train
+from llm.train_config import PER_EPOCH_FIELDS, TrainConfig, per_epoch
+from llm.training import train
 from stages.common import params_section, run
 
 STAGE = "finetune_classifier"
@@ -82,7 +83,7 @@ class FinetuneClassifierParams:
 
 
 def train_config(params: FinetuneClassifierParams, n_train: int) -> TrainConfig:
-    """The engine's config: `params.train` scheduled in epochs (llm.training.per_epoch)."""
+    """The engine's config: `params.train` scheduled in epochs (llm.train_config.per_epoch)."""
     fixed = [key for key in PER_EPOCH_FIELDS if key in params.train]
     if fixed:
         raise LLMError(f"params.yaml:{STAGE}.train.{fixed[0]} is set by the stage (from epochs); remove it")

@@ -6,7 +6,7 @@ shared engine; writes models/instruct/ (a plain model directory), reports/respon
 reference and response of every test entry, greedy and KV-cached by default), metrics/finetune_instructions.json,
 plots/finetune_instructions/*.csv and runs/finetune_instructions.json (the MLflow run).
 
-The section holds every `llm.training.TrainConfig` field plus the stage's own (`InstructParams`). An interrupted
+The section holds every `llm.train_config.TrainConfig` field plus the stage's own (`InstructParams`). An interrupted
 run resumes from checkpoints/finetune_instructions/<fingerprint of base weights and params>/.
 """
 
@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 
-from llm.checkpoint import WEIGHTS_FILE, load_model, provenance, save_model
 from llm.data.instructions import (
     Instruction,
     InstructionExample,
@@ -40,9 +39,11 @@ from llm.evaluation import mean_loss
 from llm.generate import GenerationConfig
 from llm.io import sha256_file, write_json
 from llm.lora import LoRAConfig, apply_lora, parameter_report, remove_lora
+from llm.model_dir import WEIGHTS_FILE, load_model, provenance, save_model
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
-from llm.training import TrainConfig, train
+from llm.train_config import TrainConfig
+from llm.training import train
 from stages.common import params_section, run
 
 STAGE = "finetune_instructions"

@@ -4,7 +4,7 @@ plots/pretrain/*.csv and runs/pretrain.json; one MLflow run.
 `model.init` is `scratch` (the `model.preset` architecture with `model.overrides`; context_length defaults to
 the windows'), a GPT-2 hub name (`gpt2` … `gpt2-xl`) or a model directory (ours or Hugging Face's); with
 `pretrain.max_steps: 0` the model is only loaded, evaluated and written. The `pretrain` section holds every
-`llm.training.TrainConfig` field plus the stage's own (`PretrainParams`).
+`llm.train_config.TrainConfig` field plus the stage's own (`PretrainParams`).
 
 Resuming: checkpoints go to `<checkpoint_root>/<key>/`, outside every DVC out (git-ignored), where key hashes
 the `model` and `pretrain` params, the windows' meta.json and the process count. An interrupted run (Ctrl-C,
@@ -30,16 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm.checkpoint import provenance, read_json, save_model
 from llm.config import get_preset
 from llm.data.windows import TokenWindows, batch_indices
+from llm.distributed import distributed_env
 from llm.errors import LLMError
 from llm.generate import generate
 from llm.hf import load_any
+from llm.io import read_json
 from llm.model import GPT
+from llm.model_dir import provenance, save_model
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
-from llm.training import TrainConfig, distributed_env, loss_evaluator, train
+from llm.train_config import TrainConfig
+from llm.training import loss_evaluator, train
 from stages.common import load_params, params_section, run
 
 WINDOWS = Path("data/windows")

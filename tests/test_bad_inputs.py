@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import WEIGHTS_FILE, save_model
+from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.config import GPTConfig, from_mapping
 from llm.data.classification import read_labeled_tsv
 from llm.data.corpus import tokenize_corpus
@@ -38,8 +38,9 @@ from llm.errors import LLMError
 from llm.hf import export_hf
 from llm.io import write_json
 from llm.model import GPT
+from llm.model_dir import WEIGHTS_FILE, save_model
 from llm.tokenizer import RANKS_SHA256, RANKS_URL, get_tokenizer
-from llm.training import TrainConfig, load_checkpoint, save_checkpoint
+from llm.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.checkpoint import load_model, provenance, read_config, save_model
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.model import GPT
+from llm.model_dir import load_model, provenance, read_config, save_model
 
 
 def tiny(**overrides: object) -> GPT:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from llm.checkpoint import load_model, save_model
 from llm.classifier import (
     META_FILE,
     ClassifierConfig,
@@ -24,6 +23,7 @@ from llm.data.classification import collate_classification
 from llm.errors import LLMError
 from llm.lora import LoRAConfig, lora_layers
 from llm.model import GPT
+from llm.model_dir import load_model, save_model
 from llm.tokenizer import get_tokenizer
 
 

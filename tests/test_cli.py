@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llm import cli
-from llm.checkpoint import load_model, save_model
 from llm.config import GPTConfig
 from llm.errors import LLMError
 from llm.generate import generate
 from llm.hf import export_hf
 from llm.model import GPT
+from llm.model_dir import load_model, save_model
 from llm.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

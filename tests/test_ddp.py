@@ -17,7 +17,10 @@ SCRIPT = """
 import json, sys, torch
 from llm.config import get_preset
 from llm.model import GPT
-from llm.training import TrainConfig, distributed_env, list_checkpoints, loss_evaluator, train
+from llm.checkpoint import list_checkpoints
+from llm.distributed import distributed_env
+from llm.train_config import TrainConfig
+from llm.training import loss_evaluator, train
 from pathlib import Path
 
 torch.set_num_threads(1)

@@ -1,9 +1,9 @@
-"""llm.training.per_epoch: a TrainConfig scheduled in epochs."""
+"""llm.train_config.per_epoch: a TrainConfig scheduled in epochs."""
 
 import pytest
 
 from llm.errors import LLMError
-from llm.training import PER_EPOCH_FIELDS, TrainConfig, per_epoch
+from llm.train_config import PER_EPOCH_FIELDS, TrainConfig, per_epoch
 
 
 @pytest.mark.parametrize(

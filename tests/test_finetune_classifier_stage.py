@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import save_model
 from llm.classifier import load_classifier
 from llm.cli import main as cli_main
 from llm.config import get_preset
 from llm.model import GPT
+from llm.model_dir import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR, METRICS = Path("models/classifier"), Path("metrics/finetune_classifier.json")

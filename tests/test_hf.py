@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.checkpoint import save_model
 from llm.config import GPTConfig
 from llm.errors import LLMError
 from llm.generate import generate
 from llm.hf import export_hf, hub_repo, import_hf, load_any
 from llm.model import GPT
+from llm.model_dir import save_model
 
 transformers = pytest.importorskip("transformers")
 

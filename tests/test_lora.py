@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from llm.checkpoint import WEIGHTS_FILE, load_model, save_model
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.lora import (
@@ -20,6 +19,7 @@ from llm.lora import (
     unmerge_lora,
 )
 from llm.model import GPT
+from llm.model_dir import WEIGHTS_FILE, load_model, save_model
 
 TARGETS = LoRAConfig().targets
 

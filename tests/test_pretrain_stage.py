@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from llm.checkpoint import load_model, save_model
 from llm.config import get_preset
 from llm.model import GPT
+from llm.model_dir import load_model, save_model
 from llm.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.checkpoint import list_checkpoints
 from llm.config import get_preset
-from llm.errors import LLMError
+from llm.errors import Interrupted, LLMError
 from llm.model import GPT
-from llm.tracking import Interrupted
-from llm.training import TrainConfig, list_checkpoints, loss_evaluator, train
+from llm.train_config import TrainConfig
+from llm.training import loss_evaluator, train
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T, STEPS = 67, 16, 12
@@ -116,7 +117,8 @@ SCRIPT = """
 import json, sys, time, torch
 from llm.config import get_preset
 from llm.model import GPT
-from llm.training import TrainConfig, train
+from llm.train_config import TrainConfig
+from llm.training import train
 
 torch.set_num_threads(1)
 checkpoints, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llm.errors import LLMError
-from llm.tracking import PARENT_RUN_ENV, Interrupted, Tracker, repo_root, tracking_uri
+from llm.errors import Interrupted, LLMError
+from llm.paths import repo_root
+from llm.tracking import PARENT_RUN_ENV, Tracker, tracking_uri
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.checkpoint import list_checkpoints, load_checkpoint
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.model import GPT
+from llm.optimizer import lr_at, make_optimizer
 from llm.tracking import Tracker
-from llm.training import (
-    TrainConfig,
-    list_checkpoints,
-    load_checkpoint,
-    loss_evaluator,
-    lr_at,
-    make_optimizer,
-    train,
-)
+from llm.train_config import TrainConfig
+from llm.training import loss_evaluator, train
 
 V, T = 67, 16
 
