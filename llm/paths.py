@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llm.errors import LLMError
+
 MIRROR_ENV = "LLM_DATA_MIRROR"
 
 
@@ -20,19 +22,24 @@ def repo_root(start: Path | None = None) -> Path:
     return next((p for p in (here, *here.parents) if (p / ".dvc").is_dir() or (p / ".git").exists()), here)
 
 
-def find_mirror(start: Path | None = None) -> Path | None:
-    """The data mirror directory, or None.
+def find_mirror(start: Path | None = None, setting: str | None = "shared/data") -> Path | None:
+    """The data mirror directory, or None (no mirror: download everything).
 
-    `$LLM_DATA_MIRROR` wins when set. Otherwise the first `<ancestor>/shared/data` of `start` (default: the
-    working directory) is used, so a checkout at `X/main` finds `X/shared/data`, and so does a temporary
-    copy that `dvc exp run --temp` makes inside that checkout.
+    `$LLM_DATA_MIRROR` wins when set (it must be a directory). Otherwise `setting`: None means no mirror; an
+    absolute path is used if it is a directory; a relative one is tried against `start` (default: the working
+    directory) and each of its ancestors. So the default finds `X/shared/data` from a checkout at `X/main`, and
+    so does a temporary copy that `dvc exp run --temp` makes inside that checkout (.dvc/tmp/exps/…).
     """
     env = os.environ.get(MIRROR_ENV)
     if env:
-        return Path(env).expanduser().resolve()
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            raise LLMError(f"{MIRROR_ENV}={env} is not a directory")
+        return path
+    if setting is None:
+        return None
+    path = Path(setting).expanduser()
+    if path.is_absolute():
+        return path if path.is_dir() else None
     here = (start or Path.cwd()).resolve()
-    for ancestor in (here, *here.parents):
-        candidate = ancestor / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
+    return next(((base / path).resolve() for base in (here, *here.parents) if (base / path).is_dir()), None)

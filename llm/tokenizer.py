@@ -33,7 +33,10 @@ def get_tokenizer(ranks_file: str | os.PathLike[str] | None = None) -> tiktoken.
     path = ranks_file or os.environ.get(RANKS_FILE_ENV)
     if path:
         return _from_file(Path(path).expanduser().resolve())
-    mirror = find_mirror()
+    try:
+        mirror = find_mirror()
+    except LLMError:  # $LLM_DATA_MIRROR names no directory: there is no mirror file to read
+        mirror = None
     if mirror is not None and (mirror / "tokenizer" / "r50k_base.tiktoken").is_file():
         return _from_file((mirror / "tokenizer" / "r50k_base.tiktoken").resolve())
     return _from_download()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm.data.sources import Source, fetch_all, resolve_mirror
+from llm.data.sources import Source, fetch_all
+from llm.paths import find_mirror
 from stages.common import params_section, run
 
 RAW_DIR = Path("data/raw")
@@ -22,7 +23,7 @@ class DataParams:
 
 def main() -> None:
     params = params_section("data", DataParams)
-    mirror = resolve_mirror(params.mirror)
+    mirror = find_mirror(setting=params.mirror)
     counts = fetch_all(params.sources, RAW_DIR, mirror)
     print(
         f"fetch: {len(params.sources)} files → {RAW_DIR}: {counts['mirror']} from mirror {mirror}, "

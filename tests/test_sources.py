@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from llm.data import sources
-from llm.data.sources import Source, fetch_all, fetch_source, resolve_mirror
+from llm.data.sources import Source, fetch_all, fetch_source
 from llm.errors import LLMError
 from llm.io import sha256_file
+from llm.paths import find_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE = "https://127.0.0.1:9/nothing-here"  # a closed local port: fails at once, offline
@@ -107,20 +108,21 @@ def test_fetch_all_is_all_or_nothing(mirror: Path, tmp_path: Path, monkeypatch: 
         fetch_all([good[0], good[0]], raw, mirror)
 
 
-def test_resolve_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LLM_DATA_MIRROR", raising=False)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     exp_copy = tmp_path / "main" / ".dvc" / "tmp" / "exps" / "tmpabc"  # where `dvc exp run --temp` runs stages
     exp_copy.mkdir(parents=True)
-    assert resolve_mirror("../shared/data", tmp_path / "main") == tmp_path / "shared" / "data"
-    assert resolve_mirror("../shared/data", exp_copy) == tmp_path / "shared" / "data"
-    assert resolve_mirror(str(tmp_path / "shared"), exp_copy) == tmp_path / "shared"
-    assert resolve_mirror("../nowhere", exp_copy) is None and resolve_mirror(None, exp_copy) is None
+    assert find_mirror(tmp_path / "main", "../shared/data") == tmp_path / "shared" / "data"
+    assert find_mirror(exp_copy, "../shared/data") == tmp_path / "shared" / "data"
+    assert find_mirror(exp_copy) == tmp_path / "shared" / "data"  # the default setting, shared/data
+    assert find_mirror(exp_copy, str(tmp_path / "shared")) == tmp_path / "shared"
+    assert find_mirror(exp_copy, "../nowhere") is None and find_mirror(exp_copy, None) is None
     monkeypatch.setenv("LLM_DATA_MIRROR", str(tmp_path / "main"))
-    assert resolve_mirror(None) == tmp_path / "main"
+    assert find_mirror(setting=None) == tmp_path / "main"
     monkeypatch.setenv("LLM_DATA_MIRROR", str(tmp_path / "missing"))
     with pytest.raises(LLMError, match=r"LLM_DATA_MIRROR=.* is not a directory"):
-        resolve_mirror("../shared/data")
+        find_mirror(setting="../shared/data")
 
 
 @pytest.mark.parametrize(

@@ -46,29 +46,6 @@ class Source:
             raise LLMError(f"source {self.name!r}: path must be relative inside data/raw/, got {self.path!r}")
 
 
-def resolve_mirror(setting: str | None, start: Path | None = None) -> Path | None:
-    """The mirror folder to copy from, or None (download everything).
-
-    `$LLM_DATA_MIRROR` wins (it must exist). Otherwise `setting`: None means no mirror; an absolute path is
-    used if it exists; a relative one is tried against `start` (default: the working directory) and each of
-    its ancestors, so `../shared/data` also resolves from the temporary copies `dvc exp run --temp` makes
-    inside the checkout (.dvc/tmp/exps/…).
-    """
-    env = os.environ.get(MIRROR_ENV)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not path.is_dir():
-            raise LLMError(f"{MIRROR_ENV}={env} is not a directory")
-        return path
-    if setting is None:
-        return None
-    path = Path(setting).expanduser()
-    if path.is_absolute():
-        return path if path.is_dir() else None
-    here = (start or Path.cwd()).resolve()
-    return next(((base / path).resolve() for base in (here, *here.parents) if (base / path).is_dir()), None)
-
-
 def fetch_source(source: Source, dest: str | Path, mirror: Path | None = None) -> str:
     """Write `source` to `dest` atomically, from `mirror/source.path` if that exists, else from its URL.
 
