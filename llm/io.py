@@ -48,7 +48,7 @@ def write_json(path: PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def read_text(path: PathLike, *, missing: str = "") -> str:
+def read_utf8(path: PathLike, *, missing: str = "") -> str:
     """The UTF-8 text of file `path`; a missing, unreadable or undecodable file is an LLMError.
 
     missing: what to say after "<path> not found" (e.g. which stage makes the file).
@@ -64,9 +64,9 @@ def read_text(path: PathLike, *, missing: str = "") -> str:
 
 
 def read_json(path: PathLike, *, missing: str = "") -> dict[str, Any]:
-    """The JSON object in file `path` (see `read_text`); invalid JSON or another top-level value is an LLMError."""
+    """The JSON object in file `path` (see `read_utf8`); invalid JSON or another top-level value is an LLMError."""
     try:
-        data = json.loads(read_text(path, missing=missing))
+        data = json.loads(read_utf8(path, missing=missing))
     except json.JSONDecodeError as err:
         raise LLMError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):

@@ -1,10 +1,9 @@
-"""The training engine: learning, schedule, optimizer groups, accumulation, precision, early stopping,
-divergence, compile fallback and the DVC-side tracking of a run."""
+"""The training engine: learning, accumulation, precision, early stopping, divergence, compile fallback and the
+DVC-side tracking of a run."""
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,6 @@ from llm.checkpoint import list_checkpoints, load_checkpoint
 from llm.config import get_preset
 from llm.errors import LLMError
 from llm.model import GPT
-from llm.optimizer import lr_at, make_optimizer
 from llm.tracking import Tracker
 from llm.train_config import TrainConfig
 from llm.training import loss_evaluator, train
@@ -54,27 +52,6 @@ def test_overfits_one_fixed_batch() -> None:
     )
     assert result.metrics["val_loss"] < 0.1 < losses(result)[0]
     assert result.metrics["val_ppl"] == pytest.approx(math.exp(result.metrics["val_loss"]))
-
-
-def test_lr_schedule_warms_up_then_decays_to_min_lr() -> None:
-    c = config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
-    lrs = [lr_at(s, c) for s in range(100)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
-    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
-    assert lr_at(55, c) == pytest.approx(5.5e-4)  # halfway through the cosine
-    assert lr_at(100, c) == pytest.approx(1e-4) and lr_at(500, c) == pytest.approx(1e-4)
-
-
-def test_weight_decay_only_on_matrices_and_fused_adamw() -> None:
-    model = tiny_model()
-    model.ln_f.weight.requires_grad_(False)
-    optimizer = make_optimizer(model, config(weight_decay=0.1))
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == model.num_parameters(True)
-    assert optimizer.defaults["fused"]
 
 
 def test_grad_accumulation_equals_one_big_batch() -> None:

@@ -1,3 +1,5 @@
+"""llm.model_dir: model directories (config.json + model.safetensors) round-trip exactly; damaged ones are named."""
+
 import json
 from pathlib import Path
 
