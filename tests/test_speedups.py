@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import llm.model
+import llm.kernels
 from llm.config import get_preset
 from llm.losses import _balanced_rows, linear_cross_entropy
 from llm.model import GPT
@@ -186,10 +186,10 @@ def test_linear_runs_fp32_inference_through_onednn_with_the_same_result(
 ) -> None:
     """fp32 inference on CPU takes oneDNN's op (counted) and agrees with F.linear, also for a non-contiguous
     input (the last position of a sequence); with gradients, under autocast or in another dtype it is F.linear."""
-    if not llm.model.ONEDNN_LINEAR:
+    if not llm.kernels.ONEDNN_LINEAR:
         pytest.skip("this torch build has no oneDNN linear op")
     torch.manual_seed(0)
-    layer = llm.model.Linear(64, 48, bias=bias)
+    layer = llm.kernels.Linear(64, 48, bias=bias)
     calls: list[int] = []
     onednn = torch.ops.mkldnn._linear_pointwise
 
@@ -222,7 +222,7 @@ def test_compiled_inference_with_inductor_matches_eager(shape: tuple[int, ...], 
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = llm.model.Linear(64, 48, bias=bias)
+    layer = llm.kernels.Linear(64, 48, bias=bias)
     x = torch.randn(shape)
     with torch.no_grad():
         out, (code,) = run_and_get_code(torch.compile(layer), x)
@@ -237,11 +237,11 @@ def test_bf16_attention_by_matmuls_matches_the_fused_kernel(tiny: GPT, monkeypat
             return _model_loss_and_grads(tiny, fused=True)
 
     calls: list[int] = []
-    original = llm.model._causal_attention_by_matmuls
-    monkeypatch.setattr(llm.model, "_causal_attention_by_matmuls", lambda *a: calls.append(1) or original(*a))
+    original = llm.kernels._causal_attention_by_matmuls
+    monkeypatch.setattr(llm.kernels, "_causal_attention_by_matmuls", lambda *a: calls.append(1) or original(*a))
     loss, grads = bf16_loss_and_grads()
     assert len(calls) == tiny.config.n_layers
-    monkeypatch.setattr(llm.model, "MATMUL_ATTENTION_SCORES", 0)  # too many scores: the SDPA kernel
+    monkeypatch.setattr(llm.kernels, "MATMUL_ATTENTION_SCORES", 0)  # too many scores: the SDPA kernel
     sdpa_loss, sdpa_grads = bf16_loss_and_grads()
     assert len(calls) == tiny.config.n_layers
     torch.testing.assert_close(loss, sdpa_loss, rtol=5e-3, atol=0)
