@@ -2,12 +2,12 @@
 
 PyTorch on the CPU frees and re-allocates large activation buffers every step; with glibc malloc each step
 then pays hundreds of thousands of page faults. jemalloc with memory return disabled, or tcmalloc, keeps
-those pages mapped (1.4–2× faster small-model training on our 2-core machines; see BENCHMARKS.md).
+those pages mapped (faster CPU training; see BENCHMARKS.md).
 An allocator can only be chosen before the process starts, so `reexec_with_best_allocator()` re-executes
 the current command once with it preloaded. `LLM_ALLOCATOR=system` opts out.
 
 The same launcher asks PyTorch for transparent huge pages (`request_huge_pages`): batch-1 decoding reads every
-weight once per token, and with 2 MB pages instead of 4 KB ones it ran 1.09-1.13x faster (BENCHMARKS.md).
+weight once per token, which 2 MB pages instead of 4 KB ones speed up (see BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-COMPILE_HELP = "torch.compile the decoding steps: a slower start (~25 s for GPT-2 on CPU), then faster tokens"
+COMPILE_HELP = "torch.compile the decoding steps: a slower start (compiling on first use), then faster tokens"
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,8 @@
 
 Precision names: "fp32" (no autocast), "bf16" (bfloat16 autocast, fp32 weights and optimizer), "fp16" (float16
 autocast with a gradient scaler; CUDA only) and "auto": bf16 on CUDA GPUs that support it, else fp16; bf16 on
-CPUs with native bfloat16 dot products (AVX512-BF16 or AMX), where it measured faster than fp32 at equal loss
-(see README, Pretraining); fp32 elsewhere (MPS and older CPUs).
+CPUs with native bfloat16 dot products (AVX512-BF16 or AMX), where it trains faster than fp32 at equal loss
+(see BENCHMARKS.md); fp32 elsewhere (MPS and older CPUs).
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ class GenerationConfig:
     seed: seeds a private torch.Generator, so equal seeds give equal samples; None uses torch's global RNG.
     use_cache: decode with a KV cache (same tokens, much faster) instead of recomputing the context.
     compile: run the one-token steps of cached decoding through torch.compile: they compile on the first call
-        (~25 s for GPT-2 on a 2-core CPU; inductor caches the result on disk) and then run ~1.2x faster on CPU in
-        fp32. The prompt and uncached steps stay eager (compiled, they were slower). Falls back to eager mode
-        with a warning if compilation fails.
+        (inductor caches the result on disk), which delays the first token, and then run faster (see
+        BENCHMARKS.md). The prompt and uncached steps stay eager. Falls back to eager mode with a warning if
+        compilation fails.
     """
 
     max_new_tokens: int = 50
