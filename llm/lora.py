@@ -103,16 +103,6 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def merge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model):
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model):
-        layer.unmerge()
-
-
 def remove_lora(model: nn.Module) -> None:
     """Merge every adapter and put the plain `nn.Linear` back, so the model has its original structure."""
     for name, module in list(model.named_modules()):

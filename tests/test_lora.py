@@ -12,11 +12,9 @@ from llm.lora import (
     apply_lora,
     load_trainable,
     lora_layers,
-    merge_lora,
     parameter_report,
     remove_lora,
     save_trainable,
-    unmerge_lora,
 )
 from llm.model import GPT
 from llm.model_dir import WEIGHTS_FILE, load_model, save_model
@@ -65,11 +63,13 @@ def test_merge_unmerge_agree() -> None:
     x = torch.randint(0, 97, (2, 12))
     unmerged = model(x)
     base_weight = model.blocks[0].attn.qkv.base.weight.clone()
-    merge_lora(model)
+    for layer in lora_layers(model):
+        layer.merge()
     assert all(layer.merged for layer in lora_layers(model))
     assert not torch.equal(model.blocks[0].attn.qkv.base.weight, base_weight)
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
-    unmerge_lora(model)
+    for layer in lora_layers(model):
+        layer.unmerge()
     torch.testing.assert_close(model.blocks[0].attn.qkv.base.weight, base_weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
     remove_lora(model)
