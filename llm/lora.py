@@ -99,10 +99,6 @@ def apply_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, d
     return wrapped
 
 
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
 def remove_lora(model: nn.Module) -> None:
     """Merge every adapter and put the plain `nn.Linear` back, so the model has its original structure."""
     for name, module in list(model.named_modules()):

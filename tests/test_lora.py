@@ -11,7 +11,6 @@ from llm.lora import (
     LoRALinear,
     apply_lora,
     load_trainable,
-    lora_layers,
     parameter_report,
     remove_lora,
     save_trainable,
@@ -20,6 +19,10 @@ from llm.model import GPT
 from llm.model_dir import WEIGHTS_FILE, load_model, save_model
 
 TARGETS = LoRAConfig().targets
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
