@@ -19,91 +19,6 @@ from llm.errors import LLMError
 from llm.kernels import Linear, attention, lm_loss
 
 
-class KVCache:
-    """Keys and values of past tokens for every layer, allocated once for `max_len` (<= context_length) positions.
-
-    k, v: (n_layers, B, H, max_len, D). `length` counts filled positions (the same for every row);
-    `real` (B, max_len) marks which filled positions hold real tokens (False for left padding) and
-    `n_real` (B,) counts them, which gives each row's next position id.
-    """
-
-    def __init__(
-        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        if max_len > config.context_length:
-            raise LLMError(f"a KV cache of {max_len} positions exceeds context_length {config.context_length}")
-        shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.real = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
-        self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.has_padding = False
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def append(self, pad_mask: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Take T new tokens (pad_mask: bool (B, T), False = padding; None: all real) after the filled positions.
-
-        Returns their position ids (B, T) and the attention mask of their queries: None when one new token
-        with no padding anywhere (it sees everything) or plain causal attention, else bool (B, 1, T, S).
-        """
-        past = self.length
-        if past + T > self.max_len:
-            raise LLMError(f"KV cache holds {self.max_len} positions; {past} used, {T} more requested")
-        pos = _positions(self.n_real[:, None], pad_mask, T, self.n_real.device)
-        if not self.has_padding and T == 1 and (pad_mask is None or bool(pad_mask.all())):
-            mask = None  # one new token with no padding anywhere: it may see everything cached
-        elif pad_mask is not None or past:
-            real = pad_mask if pad_mask is not None else torch.ones_like(self.real[:, :T])
-            mask = _attention_mask(torch.cat([self.real[:, :past], real], dim=1), T)
-        else:
-            mask = None  # plain causal attention
-        if pad_mask is None:
-            self.n_real += T
-        else:
-            self.real[:, past : past + T] = pad_mask
-            self.n_real += pad_mask.sum(1)
-            self.has_padding |= not bool(pad_mask.all())
-        self.length += T
-        return pos, mask
-
-    def rewind(self, length: int) -> None:
-        """Forget every position from `length` on (the next update overwrites their keys and values)."""
-        self.length = length
-        self.n_real.copy_(self.real[:, :length].sum(1))
-        self.has_padding = not bool(self.real[:, :length].all())
-
-    @torch.compiler.disable  # eager, in place: a compiled graph copied the whole cache for each slice written
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the (B, H, T, D) keys/values of the T tokens last appended; return all (B, H, S, D) so far."""
-        start, end = self.length - k.shape[2], self.length
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-def _positions(seen: torch.Tensor | int, pad_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
-    """Position ids of T new tokens after `seen` (int, or (B, 1)) real ones: (T,) or (B, T); padding repeats
-    the previous real token's (or 0)."""
-    if pad_mask is None:  # positions follow from the shapes alone: no host sync on the hot path
-        return seen + torch.arange(T, device=device)
-    return (seen + pad_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def _attention_mask(keys_real: torch.Tensor, T: int) -> torch.Tensor:
-    """Bool (B, 1, T, S) mask of the last T of S positions (keys_real (B, S), False = padding): causal, no
-    attention to padding, every query sees at least itself."""
-    S = keys_real.shape[1]
-    q_pos = torch.arange(S - T, S, device=keys_real.device)[:, None]
-    k_pos = torch.arange(S, device=keys_real.device)[None, :]
-    mask = (k_pos <= q_pos)[None] & keys_real[:, None, :]  # causal, real keys only
-    mask |= k_pos == q_pos  # padded queries attend to themselves (avoids an all-masked row)
-    return mask[:, None]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -222,3 +137,88 @@ class GPT(nn.Module):
         weight = self.tok_emb.weight
         length = min(max_len or self.config.context_length, self.config.context_length)
         return KVCache(self.config, batch_size, length, weight.device, weight.dtype)
+
+
+class KVCache:
+    """Keys and values of past tokens for every layer, allocated once for `max_len` (<= context_length) positions.
+
+    k, v: (n_layers, B, H, max_len, D). `length` counts filled positions (the same for every row);
+    `real` (B, max_len) marks which filled positions hold real tokens (False for left padding) and
+    `n_real` (B,) counts them, which gives each row's next position id.
+    """
+
+    def __init__(
+        self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        if max_len > config.context_length:
+            raise LLMError(f"a KV cache of {max_len} positions exceeds context_length {config.context_length}")
+        shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.real = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.has_padding = False
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def append(self, pad_mask: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Take T new tokens (pad_mask: bool (B, T), False = padding; None: all real) after the filled positions.
+
+        Returns their position ids (B, T) and the attention mask of their queries: None when one new token
+        with no padding anywhere (it sees everything) or plain causal attention, else bool (B, 1, T, S).
+        """
+        past = self.length
+        if past + T > self.max_len:
+            raise LLMError(f"KV cache holds {self.max_len} positions; {past} used, {T} more requested")
+        pos = _positions(self.n_real[:, None], pad_mask, T, self.n_real.device)
+        if not self.has_padding and T == 1 and (pad_mask is None or bool(pad_mask.all())):
+            mask = None  # one new token with no padding anywhere: it may see everything cached
+        elif pad_mask is not None or past:
+            real = pad_mask if pad_mask is not None else torch.ones_like(self.real[:, :T])
+            mask = _attention_mask(torch.cat([self.real[:, :past], real], dim=1), T)
+        else:
+            mask = None  # plain causal attention
+        if pad_mask is None:
+            self.n_real += T
+        else:
+            self.real[:, past : past + T] = pad_mask
+            self.n_real += pad_mask.sum(1)
+            self.has_padding |= not bool(pad_mask.all())
+        self.length += T
+        return pos, mask
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (the next update overwrites their keys and values)."""
+        self.length = length
+        self.n_real.copy_(self.real[:, :length].sum(1))
+        self.has_padding = not bool(self.real[:, :length].all())
+
+    @torch.compiler.disable  # eager, in place: a compiled graph copied the whole cache for each slice written
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the (B, H, T, D) keys/values of the T tokens last appended; return all (B, H, S, D) so far."""
+        start, end = self.length - k.shape[2], self.length
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def _positions(seen: torch.Tensor | int, pad_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
+    """Position ids of T new tokens after `seen` (int, or (B, 1)) real ones: (T,) or (B, T); padding repeats
+    the previous real token's (or 0)."""
+    if pad_mask is None:  # positions follow from the shapes alone: no host sync on the hot path
+        return seen + torch.arange(T, device=device)
+    return (seen + pad_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def _attention_mask(keys_real: torch.Tensor, T: int) -> torch.Tensor:
+    """Bool (B, 1, T, S) mask of the last T of S positions (keys_real (B, S), False = padding): causal, no
+    attention to padding, every query sees at least itself."""
+    S = keys_real.shape[1]
+    q_pos = torch.arange(S - T, S, device=keys_real.device)[:, None]
+    k_pos = torch.arange(S, device=keys_real.device)[None, :]
+    mask = (k_pos <= q_pos)[None] & keys_real[:, None, :]  # causal, real keys only
+    mask |= k_pos == q_pos  # padded queries attend to themselves (avoids an all-masked row)
+    return mask[:, None]
