@@ -130,6 +130,14 @@ def test_error_missing_model_dir(tmp_path: Path) -> None:
     assert_one_line_error(run_llm("export-hf", str(tmp_path / "nope"), str(tmp_path / "out")), "not found")
 
 
+def test_device_the_machine_cannot_use_is_one_error_line(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--device goes through llm.device.resolve_device, which probes that the device can allocate."""
+    assert cli.main(["generate", "--model", str(model_dir), "--prompt", "x", "--device", "xpu"]) == 1
+    assert capsys.readouterr().err.startswith("error: device 'xpu' is not usable here (")
+    assert cli.main(["classify", "x", "--model", str(model_dir), "--device", "gpu"]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown device 'gpu'")
+
+
 def test_error_hub_name_offline(tmp_path: Path) -> None:
     result = run_llm("import-hf", "gpt2-medium", str(tmp_path / "out"), env={"HF_HOME": str(tmp_path / "empty")})
     assert_one_line_error(result, "could not download openai-community/gpt2-medium")
