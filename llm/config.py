@@ -56,10 +56,6 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GPTConfig:
-        return from_mapping(cls, data, where="model config")
-
     def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)
 

@@ -50,13 +50,13 @@ def test_invalid_config_is_rejected(changes: dict, message: str) -> None:
         GPTConfig(**changes)
 
 
-def test_from_dict_round_trip_and_typos() -> None:
+def test_config_dict_round_trip_and_typos() -> None:
     cfg = get_preset("cpu-small", dropout=0.1)
-    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert from_mapping(GPTConfig, cfg.to_dict(), where="model config") == cfg
     with pytest.raises(LLMError, match=r"unknown key 'n_head' \(did you mean 'n_heads'\?\).*valid keys"):
-        GPTConfig.from_dict({**cfg.to_dict(), "n_head": 4})
+        from_mapping(GPTConfig, {**cfg.to_dict(), "n_head": 4}, where="model config")
     with pytest.raises(LLMError, match="emb_dim: expected an integer"):
-        GPTConfig.from_dict({"emb_dim": "256"})
+        from_mapping(GPTConfig, {"emb_dim": "256"}, where="model config")
 
 
 def test_from_mapping_nested_and_literal() -> None:
