@@ -34,7 +34,8 @@ def handling(signums: Iterable[int], handler: Handler) -> Iterator[dict[int, Any
         yield previous
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, h)
 
 
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:
