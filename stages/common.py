@@ -1,39 +1,41 @@
-"""What every stage shares: reading its typed params section and turning user errors into one clean line."""
+"""What the stages share: the pipeline's paths, typed params sections, the tokenizer, a tracked training run with
+resumable checkpoints, the one-line summary and clean errors. Kept light (no torch): every stage depends on it."""
 
-from __future__ import annotations
-
+import hashlib
+import json
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tiktoken
 import yaml
 
 from llm.config import from_mapping, suggest
 from llm.errors import LLMError
+from llm.io import read_utf8
+from llm.tokenizer import get_tokenizer
+from llm.tracking import Tracker
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
 # Every top-level section some stage reads; any other name (a typo such as `pretrian:`) is an error.
-SECTIONS = (
-    "data",
-    "tokenize",
-    "sample",
-    "model",
-    "pretrain",
-    "finetune_classifier",
-    "finetune_instructions",
-    "evaluate",
-)
+SECTIONS = "data", "tokenize", "sample", "model", "pretrain", "finetune_classifier", "finetune_instructions", "evaluate"
+
+# Files that one stage writes and another reads (dvc.yaml declares them as outs and deps).
+RAW, WINDOWS = Path("data/raw"), Path("data/windows")
+RANKS_FILE, INSTRUCTION_DATA = RAW / "tokenizer/r50k_base.tiktoken", RAW / "instruction-data.json"
+BASE_MODEL, INSTRUCT_MODEL = Path("models/base"), Path("models/instruct")
+RESPONSES, CLASSIFIER_METRICS = Path("reports/responses.json"), Path("metrics/finetune_classifier.json")
+CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, never a DVC out (DVC never deletes them)
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """The whole params file as a dict (DVC substitutes nothing in it; stages read it directly); a section name
-    outside SECTIONS is an error, so a misspelt section is never silently replaced by defaults."""
+    """The params file's sections; one outside SECTIONS is an error (a typo never silently means defaults)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise LLMError(f"{path} not found: run stages from the repository root") from err
+        data = yaml.safe_load(read_utf8(path, missing=": run stages from the repository root"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -49,16 +51,47 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None) -> T:
-    """Section `name` of params.yaml built as dataclass `cls`; unknown keys and wrong types are errors."""
+    """Section `name` as dataclass `cls`. Unknown keys, wrong types and the `train` keys the stage derives itself
+    (`cls.derived_train_keys`) are errors naming the key's path, e.g. `params.yaml:pretrain.train.lr`."""
     params = load_params() if params is None else params
     if name not in params:
         raise LLMError(f"{PARAMS_FILE}: section {name!r} is missing")
-    return from_mapping(cls, params[name] or {}, where=f"{PARAMS_FILE}:{name}")
+    section, where = params[name] or {}, f"{PARAMS_FILE}:{name}"
+    train = section.get("train") if isinstance(section, Mapping) else None
+    for key in getattr(cls, "derived_train_keys", ()):
+        if isinstance(train, Mapping) and key in train:
+            raise LLMError(f"{where}.train.{key} is set by the stage; remove it")
+    return from_mapping(cls, section, where=where)
+
+
+def tokenizer() -> tiktoken.Encoding:
+    """GPT-2 BPE from the fetched ranks file, else from llm.tokenizer's own sources (the data mirror, a cache)."""
+    return get_tokenizer(RANKS_FILE if RANKS_FILE.is_file() else None)
+
+
+def checkpoint_dir(stage: str, *identity: Any) -> Path:
+    """checkpoints/<stage>/<hash of `identity`> (JSON: params, input hashes): where a rerun of the same resumes."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return CHECKPOINTS / stage / hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def tracked_run(stage: str, params: Mapping[str, Any], checkpoints: Path, *upstream: str) -> Iterator[Tracker]:
+    """The stage's tracked run, `params` logged; the body trains and saves, then `checkpoints` are deleted."""
+    with Tracker(stage, upstream=upstream) as tracker:
+        tracker.log_params(params)
+        yield tracker
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def summary(stage: str, values: Mapping[str, float], *outs: Path) -> None:
+    """Print the stage's one-line result: `stage: name value, ... → out, ...` (floats to 4 significant digits)."""
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}" for k, v in values.items())
+    print(f"{stage}: {shown} → {', '.join(map(str, outs))}")
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main` (already under the best memory allocator: see stages/__init__.py); an LLMError becomes
-    one line on stderr and exit status 1 (no traceback)."""
+    """Run a stage's `main`; an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
     try:
         main()
     except LLMError as err:

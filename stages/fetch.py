@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llm.data.sources import Source, fetch_all
 from llm.paths import find_mirror
-from stages.common import params_section, run
-
-RAW_DIR = Path("data/raw")
+from stages.common import RAW, params_section, run, summary
 
 
 @dataclass(frozen=True)
@@ -24,10 +21,9 @@ class DataParams:
 def main() -> None:
     params = params_section("data", DataParams)
     mirror = find_mirror(setting=params.mirror)
-    counts = fetch_all(params.sources, RAW_DIR, mirror)
-    print(
-        f"fetch: {len(params.sources)} files → {RAW_DIR}: {counts['mirror']} from mirror {mirror}, "
-        f"{counts['download']} downloaded"
+    counts = fetch_all(params.sources, RAW, mirror)
+    summary(
+        "fetch", {"files": len(params.sources), "from_mirror": counts["mirror"], "downloaded": counts["download"]}, RAW
     )
 
 

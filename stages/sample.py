@@ -7,10 +7,9 @@ from pathlib import Path
 
 from llm.data.windows import write_splits
 from llm.io import write_json
-from stages.common import params_section, run
+from stages.common import WINDOWS, params_section, run, summary
 
 CORPUS = Path("data/tokens/corpus.parquet")
-OUT_DIR = Path("data/windows")
 METRICS = Path("metrics/sample.json")
 
 
@@ -30,18 +29,18 @@ def main() -> None:
     params = params_section("sample", SampleParams)
     meta = write_splits(
         CORPUS,
-        OUT_DIR,
+        WINDOWS,
         val_fraction=params.val_fraction,
         chunk_tokens=params.chunk_tokens,
         seed=params.seed,
         context_length=params.context_length,
         stride=params.stride,
     )
-    write_json(OUT_DIR / "meta.json", meta)
+    write_json(WINDOWS / "meta.json", meta)
     write_json(
         METRICS, {f"{key}_{split}": meta[key][split] for key in ("n_tokens", "n_windows") for split in ("train", "val")}
     )
-    print(f"sample: windows train {meta['n_windows']['train']:,}, val {meta['n_windows']['val']:,} → {OUT_DIR}")
+    summary("sample", {f"{split}_windows": meta["n_windows"][split] for split in ("train", "val")}, WINDOWS)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ from pathlib import Path
 from llm.data.corpus import tokenize_corpus
 from llm.io import write_json
 from llm.tokenizer import get_tokenizer
-from stages.common import params_section, run
+from stages.common import RANKS_FILE, RAW, params_section, run, summary
 
-CORPUS_DIR = Path("data/raw/corpus")
-RANKS_FILE = Path("data/raw/tokenizer/r50k_base.tiktoken")
 OUT = Path("data/tokens/corpus.parquet")
 METRICS = Path("metrics/data.json")
 
@@ -30,7 +28,7 @@ class TokenizeParams:
 def main() -> None:
     params = params_section("tokenize", TokenizeParams)
     stats = tokenize_corpus(
-        CORPUS_DIR,
+        RAW / "corpus",
         OUT,
         get_tokenizer(RANKS_FILE),
         strip_boilerplate=params.strip_gutenberg,
@@ -39,9 +37,7 @@ def main() -> None:
         num_threads=params.num_threads or None,
     )
     write_json(METRICS, stats.to_dict())
-    print(
-        f"tokenize: {stats.documents} documents, {stats.tokens:,} tokens → {OUT} ({stats.tokens_per_s:,.0f} tokens/s)"
-    )
+    summary("tokenize", {"documents": stats.documents, "tokens": stats.tokens, "tokens_per_s": stats.tokens_per_s}, OUT)
 
 
 if __name__ == "__main__":

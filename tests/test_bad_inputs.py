@@ -56,12 +56,10 @@ PARAMS: dict[str, Any] = {
     "tokenize": {},
     "sample": {"context_length": 32, "chunk_tokens": 1024},
     "model": {"init": "scratch", "preset": "cpu-tiny", "overrides": {"emb_dim": 16, "n_layers": 1}},
-    "pretrain": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "eval_windows": 2, "sample_tokens": 2},
+    "pretrain": {"train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0}, "eval_windows": 2, "sample_tokens": 2},
     "finetune_classifier": {"epochs": 1, "classifier": {"max_length": 32}, "train": {"batch_size": 8}},
     "finetune_instructions": {
-        "max_steps": 1,
-        "batch_size": 2,
-        "warmup_steps": 0,
+        "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0},
         "split_seed": SPLIT_SEED,
         "generation": {"max_new_tokens": 1},
     },
@@ -130,7 +128,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def set_params(ws: Path, path: str, value: Any) -> None:
-    """Set params.yaml entry `path` (dotted, e.g. "pretrain.batch_size") to `value`."""
+    """Set params.yaml entry `path` (dotted, e.g. "pretrain.train.batch_size") to `value`."""
     params = yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8"))
     *parents, key = path.split(".")
     node = params
@@ -304,13 +302,14 @@ CASES: dict[str, Case] = {
     "params: string for an int": Case("sample", lambda ws: set_params(ws, "sample.context_length", "64"),
         r"params\.yaml:sample\.context_length: expected an integer, got '64'"),
     # -- pretrain --
-    "zero batch size": Case("pretrain", lambda ws: set_params(ws, "pretrain.batch_size", 0),
+    "zero batch size": Case("pretrain", lambda ws: set_params(ws, "pretrain.train.batch_size", 0),
         r"batch_size must be at least 1, got 0"),
-    "negative learning rate": Case("pretrain", lambda ws: set_params(ws, "pretrain.lr", -0.001),
+    "negative learning rate": Case("pretrain", lambda ws: set_params(ws, "pretrain.train.lr", -0.001),
         r"lr must be positive, got -0\.001"),
     "zero learning rate": Case("pretrain", lambda ws: (
-        set_params(ws, "pretrain.lr", 0), set_params(ws, "pretrain.min_lr", 0)), r"lr must be positive, got 0"),
-    "negative max_steps": Case("pretrain", lambda ws: set_params(ws, "pretrain.max_steps", -5),
+        set_params(ws, "pretrain.train.lr", 0), set_params(ws, "pretrain.train.min_lr", 0)),
+        r"lr must be positive, got 0"),
+    "negative max_steps": Case("pretrain", lambda ws: set_params(ws, "pretrain.train.max_steps", -5),
         r"max_steps must be >= 0, got -5"),
     "zero model width": Case("pretrain", lambda ws: set_params(ws, "model.overrides.emb_dim", 0),
         r"emb_dim must be a positive integer, got 0"),
@@ -318,8 +317,11 @@ CASES: dict[str, Case] = {
         r"emb_dim \(16\) must be divisible by n_heads \(3\)"),
     "unknown model preset": Case("pretrain", lambda ws: set_params(ws, "model.preset", "cpu-tinny"),
         r"unknown model preset 'cpu-tinny' \(did you mean 'cpu-tiny'\?\); valid: gpt2, .*cpu-tiny"),
-    "params: typo in pretrain": Case("pretrain", lambda ws: set_params(ws, "pretrain.learning_rate", 0.01),
-        r"params\.yaml:pretrain: unknown key 'learning_rate'.*valid keys: max_steps, batch_size, .*\blr\b"),
+    "params: typo in pretrain": Case("pretrain", lambda ws: set_params(ws, "pretrain.train.learning_rate", 0.01),
+        r"params\.yaml:pretrain\.train: unknown key 'learning_rate'.*valid keys: max_steps, batch_size, .*\blr\b"),
+    "params: string for a float in pretrain.train": Case("pretrain",
+        lambda ws: set_params(ws, "pretrain.train.lr", "fast"),
+        r"params\.yaml:pretrain\.train\.lr: expected a number, got 'fast'"),
     "params: typo in model overrides": Case("pretrain", lambda ws: set_params(ws, "model.overrides.n_layer", 2),
         r"unknown key 'n_layer' \(did you mean 'n_layers'\?\); valid keys: vocab_size, context_length"),
     "windows longer than a loaded model's context": Case("pretrain", lambda ws: (
@@ -447,7 +449,7 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path: Path) ->
 
 def test_unreachable_mlflow_store_is_one_warning_and_the_stage_still_completes(ws: Path) -> None:
     """Tracking never stops training: an MLflow store that is down costs one warning line naming it."""
-    set_params(ws, "pretrain.max_steps", 1)
+    set_params(ws, "pretrain.train.max_steps", 1)
     env = env_for(ws, LLM_MLFLOW="on", MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     result = run(ws, "pretrain", env)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: MLflow")]

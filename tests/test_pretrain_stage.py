@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "model": {"init": "scratch", "preset": "cpu-tiny", "overrides": {"n_layers": 1}},
     "pretrain": {
-        "max_steps": 12, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 6,
-        "eval_windows": 8, "sample_every": 6, "sample_tokens": 5, "checkpoint_every": 3, "precision": "fp32",
+        "train": {
+            "max_steps": 12, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 6,
+            "sample_every": 6, "checkpoint_every": 3, "precision": "fp32",
+        },
+        "eval_windows": 8, "sample_tokens": 5,
     },
 }  # fmt: skip
 
@@ -53,9 +56,11 @@ def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def workdir(tmp_path: Path, windows: Path, **sections: dict) -> Path:
-    """A stage working directory: params.yaml (PARAMS with `sections` merged in) and data/windows/."""
+    """A stage working directory: params.yaml (PARAMS with the keys of `sections` replacing theirs, those of
+    pretrain.train one by one) and data/windows/."""
     shutil.copytree(windows, tmp_path / "data" / "windows")
     params = {name: {**values, **sections.get(name, {})} for name, values in PARAMS.items()}
+    params["pretrain"]["train"] = {**PARAMS["pretrain"]["train"], **sections.get("pretrain", {}).get("train", {})}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -99,7 +104,7 @@ def test_stage_writes_model_metrics_plots_and_mlflow_run(
     run_id = json.loads((cwd / "runs" / "pretrain.json").read_text())["run_id"]
     row = mlflow_runs(uri).set_index("run_id").loc[run_id]
     assert row["status"] == "FINISHED" and row["tags.dvc.stage"] == "pretrain"
-    assert row["params.pretrain.lr"] == "0.003" and row["params.model.init"] == "scratch"
+    assert row["params.pretrain.train.lr"] == "0.003" and row["params.model.init"] == "scratch"
     assert row["metrics.val_loss"] == pytest.approx(metrics["val_loss"])
     # the model's provenance: what made it, nothing that changes between identical runs (timings, run ids)
     training = json.loads((cwd / "models" / "base" / "config.json").read_text())["training"]
@@ -110,7 +115,7 @@ def test_stage_writes_model_metrics_plots_and_mlflow_run(
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(
     tmp_path: Path, windows: Path, mirror: Path, migrated_store: Path
 ) -> None:
-    steps = {"max_steps": 24, "checkpoint_every": 3, "eval_every": 12, "sample_every": 0}
+    steps = {"train": {"max_steps": 24, "checkpoint_every": 3, "eval_every": 12, "sample_every": 0}}
     reference = workdir(tmp_path / "reference", windows, pretrain=steps)
     cwd = workdir(tmp_path / "interrupted", windows, pretrain=steps)
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
@@ -142,7 +147,7 @@ def test_zero_steps_loads_a_model_directory_and_writes_it(tmp_path: Path, window
     source = GPT(get_preset("cpu-tiny", context_length=64))
     save_model(source, tmp_path / "source")
     model = {"init": str(tmp_path / "source"), "overrides": {}}
-    cwd = workdir(tmp_path / "work", windows, model=model, pretrain={"max_steps": 0})
+    cwd = workdir(tmp_path / "work", windows, model=model, pretrain={"train": {"max_steps": 0}})
     done = run_stage(cwd, mirror)
     assert done.returncode == 0, done.stderr[-3000:]
     written = load_model(cwd / "models" / "base")
@@ -154,7 +159,8 @@ def test_zero_steps_loads_a_model_directory_and_writes_it(tmp_path: Path, window
 
 
 def test_nproc_2_relaunches_under_torchrun(tmp_path: Path, windows: Path, mirror: Path) -> None:
-    cwd = workdir(tmp_path, windows, pretrain={"nproc": 2, "batch_size": 2, "max_steps": 4, "sample_every": 0})
+    steps = {"batch_size": 2, "max_steps": 4, "sample_every": 0}
+    cwd = workdir(tmp_path, windows, pretrain={"nproc": 2, "train": steps})
     done = run_stage(cwd, mirror)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((cwd / "metrics" / "pretrain.json").read_text())
@@ -166,6 +172,7 @@ def test_nproc_2_relaunches_under_torchrun(tmp_path: Path, windows: Path, mirror
     ("sections", "message"),
     [
         ({"pretrain": {"learning_rate": 0.1}}, "pretrain: unknown key 'learning_rate'"),
+        ({"pretrain": {"train": {"learning_rate": 0.1}}}, "pretrain.train: unknown key 'learning_rate'"),
         ({"model": {"init": "gpt2", "overrides": {"n_layers": 2}}}, "model.overrides apply to init: scratch only"),
         ({"model": {"preset": "cpu-huge"}}, "unknown model preset 'cpu-huge'"),
         ({"model": {"overrides": {"context_length": 16}}}, "model 'scratch' has context_length 16, shorter than"),

@@ -38,10 +38,15 @@ SMALL_BOOK = "corpus/pg00902_the_happy_prince_and_other_tales.txt"
 TINY: dict[str, Any] = {
     "sample": {"context_length": 32, "chunk_tokens": 2048},
     "model": {"overrides": {"emb_dim": 32, "n_heads": 2, "n_layers": 1}},
-    "pretrain": {"batch_size": 2, "eval_windows": 4, "sample_tokens": 4},
+    "pretrain": {"train": {"batch_size": 2}, "eval_windows": 4, "sample_tokens": 4},
     "finetune_classifier": {"classifier": {"max_length": 16}, "train": {"batch_size": 64}, "eval_batch_size": 256},
     # 32-token windows hold no response after an Alpaca prompt, so train on the whole sequence here
-    "finetune_instructions": {"mask_prompt": False, "batch_size": 2, "eval_batch_size": 64, "response_batch_size": 64},
+    "finetune_instructions": {
+        "train": {"batch_size": 2},
+        "mask_prompt": False,
+        "eval_batch_size": 64,
+        "response_batch_size": 64,
+    },
     "evaluate": {"heldout_max_tokens": 256, "batch_size": 16},
 }
 
