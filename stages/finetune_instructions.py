@@ -51,7 +51,7 @@ def main() -> None:
     with tracked_run(STAGE, logged, checkpoints, "pretrain") as tracker:
         batches, sample = params.train_batches(kept["train"], limit), params.sampler(splits["val"][0], encoding)
         hooks = {"evaluate": evaluate, "sample": sample, "checkpoint_dir": checkpoints, "tracker": tracker}
-        result = train(model, batches, params.train, **hooks)  # type: ignore[arg-type]
+        result = train(model, batches, params.train, **hooks)
         model = model.cpu().eval()
         params.merge_adapters(model)  # models/instruct/ is a plain model directory
         done = run_summary(result, params, len(kept["train"]), trainable)

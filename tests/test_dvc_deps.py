@@ -37,14 +37,15 @@ def executed_nodes(tree: ast.AST) -> Iterator[ast.AST]:
     while stack:
         node = stack.pop()
         yield node
-        skipped = isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
-        stack += node.orelse if skipped else ast.iter_child_nodes(node)  # type: ignore[attr-defined]
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack += node.orelse
+        else:
+            stack += ast.iter_child_nodes(node)
 
 
 def imported_modules(path: Path) -> set[str]:
     """Every module the file at ROOT/`path` imports, with the packages on the way (a.b.c → a, a.b, a.b.c)."""
-    package = (path.parent if path.name == "__init__.py" else path.with_suffix("")).parts
-    package = package if path.name == "__init__.py" else package[:-1]
+    package = path.parent.parts  # what `from . import x` is relative to, in a module and in an __init__.py alike
     names: set[str] = set()
     for node in executed_nodes(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -71,10 +72,10 @@ def code_deps(stage: str) -> list[str]:
 
 def listed_code_deps(pipeline: dict) -> dict[str, list[str]]:
     """Per stage run as `python -m stages.<name>`: the deps dvc.yaml lists under llm/ and stages/."""
-    stages = {name: spec for name, spec in pipeline["stages"].items() if spec["cmd"].startswith("python -m stages.")}
     return {
         spec["cmd"].removeprefix("python -m stages."): [d for d in spec.get("deps", []) if d.startswith(PACKAGES)]
-        for spec in stages.values()
+        for spec in pipeline["stages"].values()
+        if spec["cmd"].startswith("python -m stages.")
     }
 
 
@@ -100,7 +101,7 @@ def test_imports_are_found_transitively_and_type_checking_imports_are_not() -> N
 
 def rewrite(text: str, deps: dict[str, list[str]]) -> str:
     """dvc.yaml `text` with the code deps of each stage in `deps` replaced by `deps[stage]` (after its data deps)."""
-    out, stage, in_deps = [], None, False
+    out, stage, in_deps, indent = [], "", False, ""
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
@@ -110,7 +111,7 @@ def rewrite(text: str, deps: dict[str, list[str]]) -> str:
             out.append(line)
             continue
         elif in_deps and not stripped.startswith("- "):
-            out += [f"{indent}- {dep}\n" for dep in deps[stage]]  # type: ignore[index]
+            out += [f"{indent}- {dep}\n" for dep in deps[stage]]
             in_deps = False
         if in_deps and stripped.removeprefix("- ").startswith(PACKAGES):
             continue
