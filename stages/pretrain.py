@@ -34,6 +34,8 @@ from stages.common import (
     tracked_run,
 )
 
+DATA_KEYS = ("context_length", "stride", "tokenizer", "n_tokens", "n_windows")  # logged from the windows' meta.json
+
 
 def main() -> None:
     params = load_params()
@@ -66,8 +68,6 @@ def main() -> None:
     shown = ("loss", "val_loss", "val_ppl", "avg_tokens_per_s", "wall_seconds")
     summary("pretrain", {k: tracker.latest[k] for k in shown if k in tracker.latest}, BASE_MODEL)
 
-
-DATA_KEYS = ("context_length", "stride", "tokenizer", "n_tokens", "n_windows")  # logged from the windows' meta.json
 
 if __name__ == "__main__":
     run(main)
