@@ -22,16 +22,20 @@ from typing import Any
 import openai
 import pytest
 import torch
+import yaml
+from test_data_stages import make_env
+from test_e2e import smoke_params
 
 from llm.chat import Message, render_chat
 from llm.checkpoint import provenance, save_model
 from llm.classifier import ClassifierConfig, GPTClassifier, classify, export_merged, load_classifier
 from llm.cli import main
 from llm.config import GPTConfig
-from llm.data.instructions import PREAMBLE, Instruction, format_prompt
+from llm.data.instructions import PREAMBLE, Instruction, format_prompt, load_instructions, split_entries
 from llm.errors import LLMError
 from llm.evaluation import JudgeConfig, judge
 from llm.generate import GenerationConfig, generate
+from llm.io import write_json
 from llm.model import GPT
 from llm.serve.engine import Delta, Done, Engine, Job
 from llm.serve.loading import load_served, model_kind
@@ -56,7 +60,7 @@ def free_port() -> int:
 class Server:
     proc: subprocess.Popen[bytes]
     port: int
-    stderr: Path
+    stderr: Path  # stdout and stderr
 
     @property
     def url(self) -> str:
@@ -86,7 +90,7 @@ def start(model_dir: Path, tmp: Path, *extra: str) -> Server:
     env = {**os.environ, "LLM_API_KEY": "" if "--api-key" in extra else KEY}
     with stderr.open("wb") as err:
         cmd = [sys.executable, "-m", "llm.cli", "serve", "--model", str(model_dir), "--port", str(port), *extra]
-        proc = subprocess.Popen([*cmd, "--threads", "1"], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = subprocess.Popen([*cmd, "--threads", "1"], stdout=err, stderr=err, env=env)  # access log: stdout
     return Server(proc, port, stderr)
 
 
@@ -370,10 +374,47 @@ def test_the_cli_imports_no_web_stack() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "set()"
 
 
+@pytest.mark.slow
+def test_the_evaluate_stage_judges_through_llm_serve(models: dict[str, Path], mirror: Path, tmp_path: Path) -> None:
+    """The real evaluate stage, in a temporary repository holding tiny models and the smoke params, with
+    `evaluate.judge.url` pointing at a running `llm serve`: it completes and writes reports/judge.json."""
+    server = start(models["instruct"], tmp_path, "--name", "judge", "--max-tokens", "3")
+    repo = tmp_path / "repo"
+    params = smoke_params()
+    params["evaluate"]["judge"] |= {"url": server.url, "model": "judge", "api_key_env": "JUDGE_KEY"}
+    (repo / "data/raw/heldout").mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    book = sorted((mirror / "heldout").glob("*.txt"))[0]
+    (repo / "data/raw/heldout" / book.name).symlink_to(book)
+    (repo / "data/raw/instruction-data.json").symlink_to(mirror / "instruction-data.json")
+    (repo / "data/raw/tokenizer").mkdir()
+    (repo / "data/raw/tokenizer/r50k_base.tiktoken").symlink_to(mirror / "tokenizer/r50k_base.tiktoken")
+    for name in ("base", "instruct"):
+        save_model(tiny_gpt(params["sample"]["context_length"]), repo / "models" / name)
+    entries = load_instructions(mirror / "instruction-data.json")
+    test_split = split_entries(entries, params["finetune_instructions"]["split_seed"])["test"]
+    responses = [
+        {"instruction": e.instruction, "input": e.input, "reference": e.output, "response": "Yes."} for e in test_split
+    ]
+    write_json(repo / "reports/responses.json", responses)
+    write_json(repo / "metrics/finetune_classifier.json", {"test": {"accuracy": 0.5}})
+    env = make_env(tmp_path, JUDGE_KEY=KEY, LLM_MLFLOW="off")
+    try:
+        wait_ready(server)
+        stage = [sys.executable, "-m", "stages.evaluate"]
+        out = subprocess.run(stage, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        stop(server)
+    assert out.returncode == 0, out.stderr[-3000:]
+    replies = json.loads((repo / "reports/judge.json").read_text())
+    assert len(replies) == len(test_split) and all(set(r) == {"score", "reply"} for r in replies)
+    assert server.stderr.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200') == len(test_split)
+    assert "judge_score" in json.loads((repo / "metrics/evaluate.json").read_text())["instruct"]
+
+
 def test_sigint_and_sigterm_shut_down_cleanly(servers: dict[str, Server]) -> None:
-    """Last in this module: it stops the module's servers, SIGINT for one and SIGTERM for the other."""
+    """It stops the module's servers (the tests using them come first): SIGINT for one, SIGTERM for the other."""
     assert stop_all([servers["instruct"]], signal.SIGINT) + stop_all([servers["classifier"]], signal.SIGTERM) == [0, 0]
     for server in servers.values():
         log = server.stderr.read_text()
         assert "Traceback" not in log and "Finished server process" in log, log
-
