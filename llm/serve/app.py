@@ -9,6 +9,7 @@ failure inside the server is a 500 with the same body and no traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -77,12 +78,9 @@ def build_app(served: ServedModel, tokenizer: tiktoken.Encoding, engine: Engine 
                 _authenticate(request, limits.api_key)
                 body = await _json_body(request, limits.max_body_bytes)
                 if name not in ENDPOINTS[served.kind]:
-                    raise ApiError(
-                        404,
-                        f"the model {served.name!r} is a {served.kind} model: it serves "
-                        + ", ".join(f"/v1/{e.replace('.', '/')}" for e in ENDPOINTS[served.kind]),
-                        code="unsupported_endpoint",
-                    )
+                    routes = " and ".join(f"/v1/{e.replace('.', '/')}" for e in ENDPOINTS[served.kind])
+                    message = f"the model {served.name!r} ({served.kind} model) serves only {routes}"
+                    raise ApiError(404, message, code="unsupported_endpoint")
                 return await handler(request, body)
             except ApiError as err:
                 return err.response()
@@ -133,8 +131,9 @@ def build_app(served: ServedModel, tokenizer: tiktoken.Encoding, engine: Engine 
         def emit(event: Delta | Done) -> None:  # called from the engine thread; wakes the event loop only when needed
             if isinstance(event, Delta) and not req.stream:
                 parts.append(event.text)
-            elif not loop.is_closed():
-                loop.call_soon_threadsafe(events.put_nowait, event)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
+                    loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Job(prompt, settings, emit, tuple(dict.fromkeys(template_stops + req.stops())))
         engine.submit(job)
