@@ -162,6 +162,8 @@ class Engine:
         for i, job in enumerate(jobs):
             c = job.config
             groups.setdefault((c.temperature, c.top_k, c.top_p, id(job) if job.generator else 0), []).append(i)
+        if len(groups) == 1:  # the common case: no copy of the logits
+            return sample(logits, jobs[0].config, jobs[0].generator).tolist()
         tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
         for rows in groups.values():
             job = jobs[rows[0]]
