@@ -223,6 +223,42 @@ def classify_command(args: argparse.Namespace) -> None:
         print(f"{label}\t{probability:.4f}")
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory: base, instruct or classifier")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--name", default=None, help="model id clients pass as `model` (default: the directory name)")
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens, and the default (1024)")
+    parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+API_KEY_ENV = "LLM_API_KEY"
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API (see docs/serving.md)", _serve_arguments)
+def serve_command(args: argparse.Namespace) -> None:
+    import os
+
+    from llm.serve.app import Limits
+    from llm.serve.server import serve
+
+    if min(args.max_batch, args.max_tokens, args.max_body_bytes, args.threads or 1) < 1:
+        raise LLMError("--max-batch, --max-tokens, --max-body-bytes and --threads must be positive")
+    if not 0 <= args.port <= 65535:
+        raise LLMError(f"--port must be in 0..65535, got {args.port}")
+    limits = Limits(args.max_tokens, args.max_body_bytes, args.api_key or os.environ.get(API_KEY_ENV) or None)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(args.model, host=args.host, port=args.port, name=args.name, max_batch=args.max_batch, limits=limits,
+          device=_device(args.device))  # fmt: skip
+
+
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["repro", "exp-run"], help="dvc repro, or dvc exp run")
     parser.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to dvc, e.g. -S pretrain.lr=0.002")

@@ -74,7 +74,7 @@ def stream(
     stream ends early once every row has finished. The model runs in eval mode (restored afterwards).
     """
     config = _settings(config, overrides)
-    idx, pad_mask = _left_pad(prompts, model.config.vocab_size, model.tok_emb.weight.device)
+    idx, pad_mask = left_pad(prompts, model.config.vocab_size, model.tok_emb.weight.device)
     context = model.config.context_length
     generator = None
     if config.seed is not None:
@@ -82,7 +82,7 @@ def stream(
     cache = model.new_cache(len(prompts), idx.shape[1] + config.max_new_tokens) if config.use_cache else None
     cached = 0  # columns of idx already in the cache
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=idx.device)
-    decode_step = _compiled_next_logits() if config.compile else _next_logits
+    decode_step = _compiled_next_logits() if config.compile else next_logits
     was_training = model.training
     model.eval()
     try:
@@ -94,7 +94,7 @@ def stream(
             else:  # the prompt, or the cropped window recomputed
                 start = 0 if cache is not None else max(0, idx.shape[1] - context)
                 window = pad_mask[:, start:]
-                logits = _next_logits(model, idx[:, start:], None if window.all() else window, cache)
+                logits = next_logits(model, idx[:, start:], None if window.all() else window, cache)
             token = sample(logits, config, generator)
             cached = idx.shape[1]
             if config.eos_id is not None:
@@ -136,18 +136,34 @@ def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gene
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+class TextDecoder:
+    """Text of token ids fed one at a time; characters split across tokens are held until complete."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding) -> None:
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text completed by `token` (may be empty)."""
+        return self._utf8.decode(self._tokenizer.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        """The text still held at the end of the stream (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
 def decode_stream(tokens: Iterable[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
     """Text pieces for a stream of token ids; characters split across tokens are held until complete."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = TextDecoder(tokenizer)
     for token in tokens:
-        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
+        if text := decoder.push(token):
             yield text
-    if text := decoder.decode(b"", final=True):
+    if text := decoder.flush():
         yield text
 
 
 @torch.no_grad()
-def _next_logits(model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+def next_logits(model: GPT, idx: torch.Tensor, pad_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
     """Next-token logits (B, V) after idx (B, T); with a cache, idx holds only the tokens not yet in it.
     pad_mask: bool (B, T), False = padding; None when every token is real."""
     h = model.hidden_states(idx, cache=cache, pad_mask=pad_mask)
@@ -166,17 +182,17 @@ def _run_step(
     except LLMError:
         raise
     except Exception as err:
-        if step is _next_logits:
+        if step is next_logits:
             raise
         print(f"warning: torch.compile failed ({type(err).__name__}: {err}); decoding in eager mode", file=sys.stderr)
         cache.rewind(past)  # forget what the failed call may have recorded
-        return _next_logits(model, idx, None, cache), _next_logits
+        return next_logits(model, idx, None, cache), next_logits
 
 
 @functools.cache
 def _compiled_next_logits() -> Callable[..., torch.Tensor]:
-    """`_next_logits` through torch.compile (made on first use: importing dynamo takes a second)."""
-    return torch.compile(_next_logits)
+    """`next_logits` through torch.compile (made on first use: importing dynamo takes a second)."""
+    return torch.compile(next_logits)
 
 
 def _settings(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
@@ -184,7 +200,7 @@ def _settings(config: GenerationConfig | None, overrides: dict[str, Any]) -> Gen
     return from_mapping(GenerationConfig, {**base, **overrides}, where="generation settings")
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) left-padded with 0 and the bool mask (B, L) of real tokens."""

@@ -1,0 +1,56 @@
+"""What `llm serve` serves: a model and its kind, read from a model directory.
+
+kind: `classifier` (a directory holding classifier.json, as `finetune_classifier` writes, served on
+/v1/classifications), `instruct` (config.json written by the `finetune_instructions` stage: chat and
+completions) or `base` (any other model directory, a Hugging Face GPT-2 directory or hub name: completions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from llm.checkpoint import CONFIG_FILE, read_json
+from llm.classifier import META_FILE, load_classifier
+from llm.errors import LLMError
+from llm.hf import load_any
+
+Kind = Literal["base", "instruct", "classifier"]
+INSTRUCT_STAGE = "finetune_instructions"  # the stage whose models answer Alpaca prompts
+ENDPOINTS: dict[Kind, tuple[str, ...]] = {
+    "base": ("completions",),
+    "instruct": ("chat.completions", "completions"),
+    "classifier": ("classifications",),
+}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # the id clients pass as `model`
+    kind: Kind
+    model: nn.Module  # a GPT, or a GPTClassifier for kind "classifier"; in eval mode
+
+
+def model_kind(directory: Path) -> Kind:
+    """The kind of the model in `directory`, from the files the pipeline's stages write there."""
+    if (directory / META_FILE).is_file():
+        return "classifier"
+    if (directory / CONFIG_FILE).is_file():
+        training = read_json(directory / CONFIG_FILE).get("training")
+        if isinstance(training, dict) and training.get("stage") == INSTRUCT_STAGE:
+            return "instruct"
+    return "base"
+
+
+def load_served(source: str, *, name: str | None = None, device: torch.device | str = "cpu") -> ServedModel:
+    """The model at `source` (a model directory, or a GPT-2 hub name), named `name` (default: the directory's)."""
+    if "://" in source or source.startswith("models:/"):  # MLflow model URIs: one more branch here
+        raise LLMError(f"cannot serve {source}: only model directories are supported for now (not URIs)")
+    path = Path(source)
+    kind = model_kind(path) if path.is_dir() else "base"
+    model = load_classifier(path, device=device) if kind == "classifier" else load_any(source, device=device)
+    return ServedModel(name or path.name or source, kind, model)
