@@ -51,9 +51,9 @@ def default_model(tmp: Path) -> tuple[Path, str]:
         return DEFAULT_MODEL, f"{DEFAULT_MODEL.relative_to(harness.REPO)} (trained by the pipeline)"
     import torch
 
-    from llm.checkpoint import provenance, save_model
     from llm.config import get_preset
     from llm.model import GPT
+    from llm.model_dir import provenance, save_model
 
     params = yaml.safe_load((harness.REPO / "params.yaml").read_text(encoding="utf-8"))
     spec, context = params["model"], params["sample"]["context_length"]

@@ -233,7 +233,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens, and the default (1024)")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    _device_argument(parser)
 
 
 API_KEY_ENV = "LLM_API_KEY"
@@ -243,6 +243,7 @@ API_KEY_ENV = "LLM_API_KEY"
 def serve_command(args: argparse.Namespace) -> None:
     import os
 
+    from llm.device import resolve_device
     from llm.serve.app import Limits
     from llm.serve.server import serve
 
@@ -255,8 +256,9 @@ def serve_command(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     serve(args.model, host=args.host, port=args.port, name=args.name, max_batch=args.max_batch, limits=limits,
-          device=_device(args.device))  # fmt: skip
+          device=device)  # fmt: skip
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,6 @@ from test_data_stages import make_env
 from test_e2e import smoke_params
 
 from llm.chat import Message, render_chat
-from llm.checkpoint import provenance, save_model
 from llm.classifier import ClassifierConfig, GPTClassifier, classify, export_merged, load_classifier
 from llm.cli import main
 from llm.config import GPTConfig
@@ -37,6 +36,7 @@ from llm.evaluation import JudgeConfig, judge
 from llm.generate import GenerationConfig, generate
 from llm.io import write_json
 from llm.model import GPT
+from llm.model_dir import provenance, save_model
 from llm.serve.engine import Delta, Done, Engine, Job
 from llm.serve.loading import load_served, model_kind
 from llm.tokenizer import EOT_ID, get_tokenizer

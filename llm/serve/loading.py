@@ -14,10 +14,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llm.checkpoint import CONFIG_FILE, read_json
 from llm.classifier import META_FILE, load_classifier
 from llm.errors import LLMError
 from llm.hf import load_any
+from llm.io import read_json
+from llm.model_dir import CONFIG_FILE
 
 Kind = Literal["base", "instruct", "classifier"]
 INSTRUCT_STAGE = "finetune_instructions"  # the stage whose models answer Alpaca prompts
