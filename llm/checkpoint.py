@@ -4,7 +4,8 @@ A checkpoint is a directory `step-NNNNNNNN/` holding `model.safetensors` (every 
 ones once), `best.safetensors` (the best trainable weights, with `restore_best`) and `state.pt` (optimizer,
 loss scaler, step, tokens, best metric, metric history and the sha256 of the weight files; plain tensors and
 containers, loaded with `torch.load(weights_only=True)`). It is written into a temporary directory that is
-renamed into place, so a checkpoint directory is complete or absent; one whose files fail their sha256 is
+renamed into place, so a checkpoint directory is complete or absent (a full disk or an unwritable directory is an
+LLMError naming the file or directory); one whose files fail their sha256 is
 skipped with a warning, never loaded.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llm.errors import LLMError
-from llm.io import sha256_file
+from llm.io import disk_full_is_an_error, sha256_file, temporary_dir
 from llm.model_dir import WEIGHTS_FILE, read_safetensors, write_safetensors
 
 STATE_FILE, BEST_FILE = "state.pt", "best.safetensors"
@@ -32,14 +32,13 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoint_dir/step-NNNNNNNN/` atomically (temp dir + rename); return its path."""
     final = checkpoint_dir / f"step-{state['step']:08d}"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=checkpoint_dir))
+    tmp = temporary_dir(checkpoint_dir, f".{final.name}.")
     try:
         files = {WEIGHTS_FILE: unique_state(model), **({BEST_FILE: best} if best else {})}
         for name, tensors in files.items():
             write_safetensors(tmp / name, tensors)
         state = {**state, "sha256": {name: sha256_file(tmp / name) for name in files}}
-        with open(tmp / STATE_FILE, "wb") as f:
+        with disk_full_is_an_error(final / STATE_FILE, tmp / STATE_FILE), open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())

@@ -1,12 +1,19 @@
-"""File helpers: atomic writes (temp file + fsync + rename), reads whose failures are LLMErrors, sha256 digests."""
+"""File helpers: atomic writes (temp file + fsync + rename), reads whose failures are LLMErrors, sha256 digests.
+
+Files and directories written here get the modes the umask gives (0644 and 0755 under umask 022), not the 0600
+and 0700 of Python's temporary files; a disk that fills up while writing is an LLMError naming the file and the
+space left, and leaves no half-written file behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,31 +22,94 @@ from typing import Any
 from llm.errors import LLMError
 
 PathLike = str | os.PathLike[str]
+_DISK_FULL_MESSAGES = ("unexpected pos", "os error 28")  # torch.save's and safetensors' words for ENOSPC
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
     On any exception the temporary file is removed and `path` is left as it was, so readers never
     see a half-written file. Parent directories are created. Temporary files of `path` left by a killed
-    writer (SIGKILL runs no cleanup) are removed first: there is one writer per path.
+    writer (SIGKILL runs no cleanup) are removed first: there is one writer per path. A full disk is an
+    LLMError (see `disk_full_is_an_error`; `needed`: the file's size in bytes when the writer knows it).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.{'?' * 8}.tmp"):  # mkstemp: 8 random chars
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with writable(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.{'?' * 8}.tmp"):  # mkstemp: 8 random chars
+            stale.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with disk_full_is_an_error(target, tmp, needed):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~umask())  # mkstemp made it 0600
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(target.parent)
+
+
+def temporary_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory `parent/<prefix><random>.tmp` (`parent` created if needed) with the mode the umask
+    gives (mkdtemp's is 0700); a directory that cannot be written is an LLMError naming it."""
+    with writable(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    tmp.chmod(0o777 & ~umask())
+    return tmp
+
+
+@contextlib.contextmanager
+def writable(directory: Path) -> Iterator[None]:
+    """Within the block, failing to create or write into `directory` (permissions, read-only filesystem, a file
+    in its place) is an LLMError naming it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise
+        raise LLMError(f"cannot write into {directory}: {err.strerror or err}") from err
+
+
+def umask() -> int:
+    """The process's umask: from /proc on Linux (setting it to read it back would race with other threads)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(
+    target: PathLike, written: PathLike | None = None, needed: int | None = None
+) -> Iterator[None]:
+    """Within the block, running out of disk space while writing `target` raises an LLMError naming it, the
+    space it needs (`needed` bytes, else more than the bytes already in `written`, the temporary file) and the
+    space left.
+
+    torch.save and safetensors report a full disk as a RuntimeError ("unexpected pos ...") and a SafetensorError
+    ("... os error 28"), not as an OSError.
+    """
+    try:
+        yield
+    except Exception as err:
+        full = getattr(err, "errno", None) == errno.ENOSPC or any(s in str(err) for s in _DISK_FULL_MESSAGES)
+        if not full:
+            raise
+        parent = Path(target).parent
+        free = shutil.disk_usage(parent).free if parent.is_dir() else 0
+        size = Path(written).stat().st_size if written is not None and Path(written).is_file() else 0
+        need = f"{needed:,} bytes" if needed else f"more than {size:,} bytes"
+        raise LLMError(
+            f"no space left on the device writing {target}: it needs {need}, {free:,} bytes are free in {parent}"
+        ) from err
 
 
 def write_json(path: PathLike, data: Any) -> None:

@@ -105,9 +105,11 @@ def read_safetensors(path: Path, device: torch.device | str | None = None) -> di
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Atomically write `tensors` (moved to CPU, made contiguous) with the {"format": "pt"} metadata."""
+    """Atomically write `tensors` (moved to CPU, made contiguous) with the {"format": "pt"} metadata; a full disk or
+    an unwritable directory is an LLMError naming `path`."""
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, needed=needed) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     except OSError as err:
         raise LLMError(f"cannot write {path}: {err.strerror or err}") from err

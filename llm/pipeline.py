@@ -2,10 +2,11 @@
 
 DVC has no pipeline hooks, so the wrapper opens the parent run, hands its id to the stages through
 `$LLM_MLFLOW_PARENT_RUN_ID` (`llm.tracking.PARENT_RUN_ENV`; every stage's Tracker then starts a child run) and
-ends the parent by DVC's exit status: FINISHED on 0, KILLED when DVC died of a signal or the wrapper was
-interrupted, FAILED otherwise. `MLFLOW_RUN_ID` is never passed on: a stage starting a run with it would end
-the parent. Plain `dvc repro` works without the wrapper (the stages' runs then have no parent). If MLflow
-cannot be reached the wrapper warns and runs DVC anyway.
+ends the parent by how DVC ended: FINISHED on exit status 0, KILLED when DVC died of a signal or the wrapper
+received SIGINT/SIGTERM, FAILED otherwise (DVC exits 255 when a stage fails, also when a signal stopped the
+stage: the stage's own run says KILLED then). `MLFLOW_RUN_ID` is never passed on: a stage starting a run with it
+would end the parent. Plain `dvc repro` works without the wrapper (the stages' runs then have no parent). If
+MLflow cannot be reached the wrapper warns (once, within seconds: `llm.tracking.probe_store`) and runs DVC anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from typing import Any
 from llm.errors import LLMError
 from llm.paths import repo_root
 from llm.signals import relay_to
-from llm.tracking import PARENT_RUN_ENV, get_or_create_experiment, git_commit, redact, tracking_uri
+from llm.tracking import (
+    PARENT_RUN_ENV,
+    get_or_create_experiment,
+    git_commit,
+    one_line,
+    probe_store,
+    quiet_mlflow,
+    redact,
+    tracking_uri,
+)
 
 ACTIONS: dict[str, tuple[str, ...]] = {"repro": ("repro",), "exp-run": ("exp", "run")}
 
@@ -47,39 +57,41 @@ def run_pipeline(action: str, dvc_args: Sequence[str] = (), *, dvc: str | None =
         env[PARENT_RUN_ENV] = parent[1]
     child: list[subprocess.Popen[bytes]] = []
     received: list[int] = []
-    status, code = "FAILED", 1
+    returncode = 1
     try:
         with relay_to(child, received):
             child.append(subprocess.Popen(command, env=env))
-            code = child[0].wait()
+            returncode = child[0].wait()
     except FileNotFoundError as err:
         raise LLMError(f"cannot run {command[0]}: {err.strerror}") from err
     finally:
-        code = 128 - code if code < 0 else code  # died of signal n: 128 + n, as shells report it
-        status = "FINISHED" if code == 0 and not received else "KILLED" if received or code > 128 else "FAILED"
+        killed = returncode < 0 or bool(received)  # Popen: -n when the child died of signal n
+        status = "KILLED" if killed else "FINISHED" if returncode == 0 else "FAILED"
         if parent is not None:
-            _end_parent(parent, status, code)
-    return code
+            _end_parent(parent, status, 128 - returncode if returncode < 0 else returncode)
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _start_parent(action: str, command: list[str]) -> tuple[Any, str] | None:
     """Create the parent run; (client, run id), or None (with a warning) when MLflow fails."""
     uri = tracking_uri()
     try:
-        from mlflow import MlflowClient
+        with quiet_mlflow():
+            probe_store(uri)
+            from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
-        experiment_id = get_or_create_experiment(client, uri)
-        tags = {
-            "llm.pipeline": action,
-            "dvc.command": " ".join(["dvc", *command[1:]]),
-            "mlflow.source.name": "llm pipeline",
-            **git_commit(repo_root()),
-        }
-        run = client.create_run(experiment_id, run_name=f"pipeline {action}", tags=tags)
+            client = MlflowClient(uri)
+            experiment_id = get_or_create_experiment(client, uri)
+            tags = {
+                "llm.pipeline": action,
+                "dvc.command": " ".join(["dvc", *command[1:]]),
+                "mlflow.source.name": "llm pipeline",
+                **git_commit(repo_root()),
+            }
+            run = client.create_run(experiment_id, run_name=f"pipeline {action}", tags=tags)
     except Exception as err:
         print(
-            f"warning: MLflow at {redact(uri)} failed ({type(err).__name__}: {redact(str(err))}); "
+            f"warning: MLflow at {redact(uri)} failed ({type(err).__name__}: {one_line(redact(str(err)))}); "
             "running without a parent run",
             file=sys.stderr,
         )
@@ -91,10 +103,11 @@ def _start_parent(action: str, command: list[str]) -> tuple[Any, str] | None:
 def _end_parent(parent: tuple[Any, str], status: str, code: int) -> None:
     client, run_id = parent
     try:
-        client.set_tag(run_id, "dvc.exit_code", str(code))
-        client.set_terminated(run_id, status)
+        with quiet_mlflow():
+            client.set_tag(run_id, "dvc.exit_code", str(code))
+            client.set_terminated(run_id, status)
     except Exception as err:
         print(
-            f"warning: could not end MLflow parent run {run_id} ({type(err).__name__}: {redact(str(err))})",
+            f"warning: could not end MLflow parent run {run_id} ({type(err).__name__}: {one_line(redact(str(err)))})",
             file=sys.stderr,
         )

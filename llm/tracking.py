@@ -12,23 +12,32 @@ writes, under the repository root (a failed or interrupted run leaves the last g
 
 The tracking URI is `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<repo>/mlflow.db` (absolute, so runs
 made in the temporary copies of `dvc exp run --temp/--queue` land in the real repository). `LLM_MLFLOW=off`
-keeps only the DVC files. When MLflow fails (server down, store locked), the tracker warns once and goes on
-with the DVC files: tracking never stops training. The run always ends: FINISHED, FAILED on an exception,
-KILLED on SIGINT/SIGTERM (`Interrupted`). mlflow and matplotlib are imported only when a run starts.
+keeps only the DVC files. When MLflow fails (server down, store locked, read-only or not a database), the
+tracker warns once and goes on with the DVC files: tracking never stops training. A local SQLite store is probed
+first (`probe_store`), so a store MLflow cannot use costs seconds, not MLflow's minutes of retries; MLflow's own
+log records are silenced during the tracker's calls (the one warning says what failed). The run always ends:
+FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM (`Interrupted`). A process killed by SIGKILL cannot end
+its run: runs carry the `llm.process` tag (host, pid, process start), and the next run of the same stage ends the
+RUNNING runs of that stage whose process is gone (same host, pid not alive or reused) as KILLED. mlflow and
+matplotlib are imported only when a run starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import os
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +49,7 @@ from llm.paths import repo_root
 from llm.signals import handling, raise_interrupted, sigterm_held_back
 
 PARENT_RUN_ENV = "LLM_MLFLOW_PARENT_RUN_ID"
+PROCESS_TAG = "llm.process"  # "host:pid:start" of the process that started the run (see process_id)
 MLFLOW_SWITCH_ENV = "LLM_MLFLOW"
 DEFAULT_EXPERIMENT = "llm"
 _BATCH = 500  # metrics per MLflow log_batch call (its limit is 1000)
@@ -100,7 +110,7 @@ class Tracker:
         self._sigterm.enter_context(handling((signal.SIGTERM,), raise_interrupted))  # before the run exists
         try:
             if mlflow:
-                with sigterm_held_back():  # MLflow start-up takes seconds and would swallow the signal
+                with sigterm_held_back(), quiet_mlflow():  # MLflow start-up takes seconds, would swallow the signal
                     try:
                         self._start()
                     except Exception as err:
@@ -193,15 +203,14 @@ class Tracker:
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a down server fails in seconds, not minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        probe_store(self.uri)
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
         experiment_id = get_or_create_experiment(client, self.uri)
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         tags = {"dvc.stage": self.stage, "dvc.exp_name": exp_name, "mlflow.source.name": f"stages.{self.stage}"}
+        tags[PROCESS_TAG] = process_id(os.getpid())
         tags |= git_tags(self.root) | {f"system.{k}": v for k, v in memory_tags().items()}
         if parent := os.environ.get(PARENT_RUN_ENV):
             tags["mlflow.parentRunId"] = parent
@@ -209,6 +218,7 @@ class Tracker:
         run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         self._client, self.run_id, self.experiment_id = client, run.info.run_id, experiment_id
         self._run_client = client
+        end_orphaned_runs(client, experiment_id, self.stage)
 
     def _write_dvc_files(self) -> None:
         """metrics/<stage>.json, plots/<stage>/<metric>.csv and runs/<stage>.json, each written atomically."""
@@ -231,7 +241,7 @@ class Tracker:
         """Run an MLflow call; on the first failure warn once and continue without MLflow."""
         if self._client is None:
             return
-        with sigterm_held_back():  # a SIGTERM during the call is delivered after it, never mistaken for its error
+        with sigterm_held_back(), quiet_mlflow():  # a SIGTERM during the call is delivered after it
             try:
                 call()
             except Exception as err:
@@ -239,7 +249,7 @@ class Tracker:
 
     def _disable(self, err: Exception) -> None:
         print(
-            f"warning: MLflow at {redact(self.uri)} failed ({type(err).__name__}: {redact(str(err))[:300]}); "
+            f"warning: MLflow at {redact(self.uri)} failed ({type(err).__name__}: {one_line(redact(str(err)))}); "
             f"continuing without it: metrics go to {self.metrics_file} and {self.plots_dir}/ only",
             file=sys.stderr,
         )
@@ -269,6 +279,79 @@ class Tracker:
         axes.grid(alpha=0.3)
         axes.legend()
         return figure
+
+
+def probe_store(uri: str) -> None:
+    """An LLMError within seconds when `uri` is a local SQLite store that cannot be written (read-only file or
+    filesystem, a directory in its place, not a database, locked for more than 5 s, unwritable folder); MLflow
+    would retry opening it for about 100 s. Other stores are left to MLflow, with HTTP retries set low."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a down server fails in seconds, not minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+    try:
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=5)) as db:
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock, as MLflow's first write will
+                db.execute("SELECT count(*) FROM sqlite_master")
+                db.rollback()
+        else:  # MLflow creates the store: its folder must take a new file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+    except (OSError, sqlite3.Error) as err:
+        raise LLMError(f"cannot write the SQLite store {path}: {err}") from err
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """Within the block MLflow (and the HTTP retries under it) log nothing below CRITICAL: a failing store would
+    print a warning block per retry; the tracker's own warning says what failed."""
+    loggers = [logging.getLogger(name) for name in ("mlflow", "urllib3", "alembic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def process_id(pid: int) -> str:
+    """`host:pid:start` for process `pid` of this host; start is its start time in clock ticks after boot (Linux;
+    empty elsewhere), so a pid the system gave to a new process is told apart from the one that started a run."""
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def process_gone(process: str) -> bool:
+    """Whether the process `process_id` named is known to have ended: False for another host's processes."""
+    host, pid, start = ([""] * 3 + process.rsplit(":", 2))[-3:]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        pass
+    return bool(start) and _start_ticks(int(pid)) != start
+
+
+def end_orphaned_runs(client: Any, experiment_id: str, stage: str) -> None:
+    """End as KILLED the RUNNING runs of `stage` whose process is gone (see `process_gone`): a process killed by
+    SIGKILL could not end its own run. Runs of live processes, of other hosts and without the tag stay RUNNING."""
+    query = f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], filter_string=query, max_results=1000):
+        if process_gone(run.data.tags.get(PROCESS_TAG, "")):
+            client.set_tag(run.info.run_id, "llm.ended_by", "a later run of the stage: its process was gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (runs of whitespace as one space), cut to `limit` characters."""
+    return " ".join(text.split())[:limit]
 
 
 def get_or_create_experiment(client: Any, uri: str) -> str:
@@ -312,6 +395,13 @@ def redact(text: str) -> str:
 def _git(root: Path, *args: str) -> str:
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True)
     return done.stdout.strip()
+
+
+def _start_ticks(pid: int) -> str:
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
+    return ""
 
 
 def _run_id(root: Path, stage: str) -> str | None:

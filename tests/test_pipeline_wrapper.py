@@ -32,6 +32,8 @@ with open(os.environ["FAKE_DVC_RECORD"], "w") as f:
     json.dump(record, f)
 with Tracker("stage", root=os.environ["FAKE_DVC_ROOT"]):
     pass
+if os.environ["FAKE_DVC_EXIT"] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
 if os.environ["FAKE_DVC_EXIT"] == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     open(os.environ["FAKE_DVC_RECORD"] + ".ready", "w").close()
@@ -94,6 +96,17 @@ def test_a_failing_pipeline_fails_the_parent_and_the_cli_exit_status(fake_dvc: P
     assert json.loads((tmp_path / "record.json").read_text())["argv"] == ["repro", "evaluate", "--force"]
     parent = runs(tmp_path).loc["pipeline repro"]
     assert parent["status"] == "FAILED" and parent["tags.dvc.exit_code"] == "3"
+
+
+@pytest.mark.parametrize(("exit", "status", "code"), [("255", "FAILED", 255), ("kill", "KILLED", 128 + 9)])
+def test_the_parent_is_killed_only_by_signals_not_by_a_high_exit_status(
+    fake_dvc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit: str, status: str, code: int
+) -> None:
+    """DVC exits 255 when a stage fails: FAILED. KILLED only when DVC itself died of a signal."""
+    monkeypatch.setenv("FAKE_DVC_EXIT", exit)
+    assert run_pipeline("repro", dvc=str(fake_dvc)) == code
+    parent = runs(tmp_path).loc["pipeline repro"]
+    assert parent["status"] == status and parent["tags.dvc.exit_code"] == str(code)
 
 
 def test_sigterm_reaches_dvc_and_ends_the_parent_killed(fake_dvc: Path, tmp_path: Path) -> None:

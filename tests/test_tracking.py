@@ -20,7 +20,7 @@ import pytest
 
 from llm.errors import Interrupted, LLMError
 from llm.paths import repo_root
-from llm.tracking import PARENT_RUN_ENV, Tracker, tracking_uri
+from llm.tracking import PARENT_RUN_ENV, PROCESS_TAG, Tracker, process_id, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,59 @@ def test_mlflow_down_warns_once_and_keeps_dvc_files(
     assert tracker.run_id is None and err.count("warning: MLflow at http://127.0.0.1:") == 1 and "s3cret" not in err
     assert json.loads((tmp_path / "metrics" / "pretrain.json").read_text()) == {"loss": 2.0}
     assert json.loads((tmp_path / "runs" / "pretrain.json").read_text()) == {"run_id": None, "tracking_uri": None}
+
+
+def test_a_run_left_running_by_sigkill_is_ended_killed_by_the_next_run_of_its_stage(store: str, tmp_path: Path) -> None:
+    """A stage killed by SIGKILL cannot end its run; the next run of the stage does, when the run's process is gone.
+    RUNNING runs of a live process, of another host, without the process tag or of another stage are left alone."""
+    from mlflow import MlflowClient
+
+    code = (
+        "import os, signal; from llm.tracking import Tracker\n"
+        f"t = Tracker('pretrain', root={str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("llm").experiment_id
+    alive = {
+        "live process": {PROCESS_TAG: process_id(os.getpid())},
+        "other host": {PROCESS_TAG: "elsewhere:1:1"},
+        "untagged": {},
+    }
+    for name, tags in alive.items():
+        client.create_run(experiment, run_name=name, tags={"dvc.stage": "pretrain", **tags})
+    client.create_run(experiment, run_name="other stage", tags={"dvc.stage": "evaluate", PROCESS_TAG: "x:1:"})
+    assert list(runs(store)["status"]) == ["RUNNING"] * 5
+    with Tracker("pretrain", root=tmp_path):
+        pass
+    status = runs(store).set_index("tags.mlflow.runName")["status"]
+    assert status["pretrain (exp-lr3)"].tolist() == ["FINISHED", "KILLED"]  # newest first
+    assert [status[name] for name in [*alive, "other stage"]] == ["RUNNING"] * 4
+
+
+@pytest.mark.parametrize("store_kind", ["a directory", "not a database", "in a file's place"])
+def test_an_unusable_sqlite_store_costs_one_warning_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], store_kind: str
+) -> None:
+    """MLflow retries a store it cannot open for ~100 s, logging a warning block each time; the tracker probes the
+    store first: one warning line, seconds, and the DVC files still written."""
+    path = tmp_path / "mlflow.db"
+    if store_kind == "a directory":
+        path.mkdir()
+    elif store_kind == "not a database":
+        path.write_bytes(b"not sqlite " * 100)
+    else:
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    started = time.monotonic()
+    with Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 2.0}, 1)
+    assert time.monotonic() - started < 15
+    err = capfd.readouterr().err
+    assert err.count("warning: MLflow at sqlite:///") == 1 and len(err.strip().splitlines()) == 1, err
+    assert json.loads((tmp_path / "metrics" / "pretrain.json").read_text()) == {"loss": 2.0}
 
 
 def test_mlflow_switched_off_never_imports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

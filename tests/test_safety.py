@@ -1,0 +1,110 @@
+"""What the pipeline writes is safe to share and never half-written: outputs follow the umask (not the 0600/0700 of
+temporary files), and a full disk is one LLMError naming the file and the space, leaving nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.checkpoint import save_checkpoint
+from llm.config import GPTConfig
+from llm.errors import LLMError
+from llm.io import atomic_path, write_json
+from llm.model import GPT
+from llm.model_dir import save_model
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+
+
+def test_outputs_follow_the_umask(tmp_path: Path, umask_022: None) -> None:
+    write_json(tmp_path / "metrics" / "m.json", {"a": 1})
+    save_model(tiny_model(), tmp_path / "models" / "base")
+    step = save_checkpoint(tmp_path / "checkpoints", tiny_model(), {"step": 3}, best={})
+    files = [tmp_path / "metrics" / "m.json", *(tmp_path / "models" / "base").iterdir(), *step.iterdir()]
+    assert {f.name: mode(f) for f in files} == {f.name: 0o644 for f in files}
+    for directory in (tmp_path / "metrics", tmp_path / "models" / "base", step):
+        assert mode(directory) == 0o755, directory
+    os.umask(0o077)
+    write_json(tmp_path / "private.json", {})
+    assert mode(tmp_path / "private.json") == 0o600
+
+
+def disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda d: write_json(d / "m.json", {"a": 1}),
+        lambda d: save_model(tiny_model(), d / "model"),
+        lambda d: save_checkpoint(d / "checkpoints", tiny_model(), {"step": 1}, best={}),
+    ],
+    ids=["json", "model", "checkpoint"],
+)
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: Callable[[Path], None]
+) -> None:
+    monkeypatch.setattr(os, "fsync", disk_full)  # the last write of every file: as late as a disk can fill up
+    with pytest.raises(LLMError, match=r"no space left on the device writing .*: it needs .* bytes are free in"):
+        write(tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_full_disk_inside_torch_save_is_named(tmp_path: Path) -> None:
+    """torch.save reports ENOSPC as RuntimeError("... unexpected pos ..."); safetensors as "os error 28"."""
+    for message in ("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598", "I/O error (os error 28)"):
+        with (
+            pytest.raises(LLMError, match=r"no space left on the device writing .*state\.pt"),
+            atomic_path(tmp_path / "state.pt"),
+        ):
+            raise RuntimeError(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_real_full_disk(tmp_path: Path) -> None:
+    """On a 64 KiB tmpfs (when this process may mount one) a model does not fit: one error, nothing left."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.system(f"mount -t tmpfs -o size=64k tmpfs {disk} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        model = GPT(GPTConfig(vocab_size=512, context_length=8, emb_dim=64, n_heads=2, n_layers=1))
+        with pytest.raises(LLMError, match=rf"writing {disk}/model/model\.safetensors: it needs [\d,]+ bytes"):
+            save_model(model, disk / "model")
+        with pytest.raises(LLMError, match=rf"writing {disk}/checkpoints/"):
+            save_checkpoint(disk / "checkpoints", model, {"step": 1}, best={})
+        assert [p for p in disk.rglob("*") if p.is_file()] == []
+    finally:
+        os.system(f"umount {disk}")
+
+
+def test_an_unwritable_directory_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").write_text("a file where the checkpoints directory should be")
+    with pytest.raises(LLMError, match=rf"cannot write into {tmp_path}/checkpoints"):
+        save_checkpoint(tmp_path / "checkpoints", tiny_model(), {"step": 1}, best={})
+    with pytest.raises(LLMError, match=rf"cannot write into {tmp_path}/checkpoints"):
+        write_json(tmp_path / "checkpoints" / "x.json", {})
