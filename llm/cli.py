@@ -144,7 +144,8 @@ def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("instruction", nargs="?", help="what the model should do (omit with --chat)")
     parser.add_argument("--input", default="", help="optional input the instruction refers to")
     parser.add_argument("--model", default="models/instruct", help="model directory (default: models/instruct)")
-    parser.add_argument("--chat", action="store_true", help="interactive loop: an instruction, then an optional input")
+    parser.add_argument("--chat", action="store_true", help="a conversation: user messages from stdin, one a line")
+    parser.add_argument("--system", default=None, help="with --chat: a system prompt (replaces the Alpaca preamble)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="longest response in tokens (default 100)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -153,36 +154,49 @@ def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     _device_argument(parser)
 
 
-@command("instruct", "answer an instruction (Alpaca prompt) with an instruction-tuned model", _instruct_arguments)
+@command("instruct", "answer an instruction, or chat (--chat), with an instruction-tuned model", _instruct_arguments)
 def instruct_command(args: argparse.Namespace) -> None:
+    from llm.chat import Message, fit_context
     from llm.data.instructions import Instruction, respond
     from llm.device import resolve_device
     from llm.generate import GenerationConfig
     from llm.hf import load_any
     from llm.tokenizer import get_tokenizer
 
-    if (args.instruction is None) != args.chat:
-        raise LLMError("give an INSTRUCTION, or --chat for an interactive session (not both)")
+    if (args.instruction is None) != args.chat or (args.system is not None and not args.chat):
+        raise LLMError("give an INSTRUCTION, or --chat (optionally with --system) for a conversation")
     settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, seed=args.seed, compile=args.compile)
     model, tokenizer = load_any(args.model, device=resolve_device(args.device)), get_tokenizer()
-
-    def answer(instruction: str, text: str) -> str:
-        return respond(model, [Instruction(instruction, text, "")], tokenizer, settings, progress=False)[0]
-
     if not args.chat:
-        print(answer(args.instruction, args.input))
+        print(respond(model, [Instruction(args.instruction, args.input, "")], tokenizer, settings, progress=False)[0])
         return
-    print("Type an instruction, then an optional input (Enter to skip). Ctrl-D or an empty instruction quits.")
-    while True:
+    budget = model.config.context_length - args.max_new_tokens  # prompt tokens that leave room for the reply
+    if budget < 1:
+        raise LLMError(f"--max-new-tokens must be below the model's context length {model.config.context_length}")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message (Enter sends it). Ctrl-D or an empty message quits.")
+    conversation = [Message("system", args.system)] if args.system else []
+    while (line := _read_turn(interactive)).strip():
         try:
-            instruction = input("instruction> ").strip()
-            text = input("input> ").strip() if instruction else ""
-        except EOFError:
-            print()
-            return
-        if not instruction:
-            return
-        print(answer(instruction, text), flush=True)
+            kept = fit_context([*conversation, Message("user", line)], tokenizer, budget)
+        except LLMError as err:
+            print(f"error: {err}; message dropped", file=sys.stderr)
+            continue
+        if dropped := len(conversation) + 1 - len(kept):
+            print(f"(dropped the oldest {dropped} messages to fit the context)", file=sys.stderr)
+        entry = Instruction(line, "", "", tuple(kept[:-1]))
+        reply = respond(model, [entry], tokenizer, settings, progress=False)[0]
+        print(reply, flush=True)
+        conversation = [*kept, Message("assistant", reply)]
+
+
+def _read_turn(interactive: bool) -> str:
+    """The next user message from stdin ("" at its end)."""
+    try:
+        return input("you> " if interactive else "")
+    except EOFError:
+        return ""
 
 
 def _classify_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,15 @@ from typing import Any, Literal
 import tiktoken
 import torch
 
-from llm.data.instructions import Instruction, InstructionExample, collate_instructions, encode, respond, trainable
+from llm.data.instructions import (
+    Instruction,
+    InstructionData,
+    InstructionExample,
+    collate_instructions,
+    encode,
+    respond,
+    trainable,
+)
 from llm.data.windows import batch_indices
 from llm.errors import LLMError
 from llm.evaluation import mean_loss
@@ -27,11 +35,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class InstructConfig:
-    """train: the run. method: full (every weight) | lora (adapters per `lora`, merged into the weights at the end).
-    mask_prompt: loss on the response tokens only. allowed_max_length: tokens kept per example (0 = the model's
-    context_length). split_seed: the train/test/val shuffle. eval_batch_size: val examples per batch.
+    """data: the instruction set (file, format, skip_bad_entries). train: the run. method: full (every weight) |
+    lora (adapters per `lora`, merged into the weights at the end). mask_prompt: loss on the assistant's replies
+    only (every reply of a chat, not its system and user text). allowed_max_length: tokens kept per example
+    (0 = the model's context_length). split_seed: the train/test/val shuffle. eval_batch_size: val examples per
+    batch.
     generation, response_batch_size: how the test responses are generated (eos is always end-of-text)."""
 
+    data: InstructionData = field(default_factory=InstructionData)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: Literal["full", "lora"] = "full"
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.data.instructions import Instruction, load_instructions, read_responses, split_entries
+from llm.data.instructions import Instruction, read_instruction_set, read_responses, split_entries
 from llm.errors import LLMError
 from llm.evaluation import JudgeConfig, JudgeResult, Perplexity, heldout_tokens, judge, perplexity, rouge_l_f1
 from llm.instruction_tuning import InstructConfig
@@ -22,7 +22,6 @@ from stages.common import (
     BASE_MODEL,
     CLASSIFIER_METRICS,
     INSTRUCT_MODEL,
-    INSTRUCTION_DATA,
     RESPONSES,
     params_section,
     run,
@@ -46,15 +45,18 @@ class EvaluateParams:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
+CLASSIFIER_SCORES = "accuracy", "precision", "recall", "f1", "roc_auc", "n"  # of the classifier's test metrics
+
+
 def scoreboard(held: Perplexity, val_loss: float, rouge_f1: dict[str, list[float]]) -> dict[str, Any]:
-    """The nested scores; the classifier's are its test metrics (numbers only) from its stage's metrics file."""
+    """The nested scores; the classifier's are its CLASSIFIER_SCORES test metrics from its stage's metrics file."""
     test = read_json(CLASSIFIER_METRICS).get("test")
     if not isinstance(test, dict):
         raise LLMError(f"{CLASSIFIER_METRICS} has no 'test' section; run: dvc repro finetune_classifier")
     rouge = {name: sum(values) / len(values) for name, values in rouge_f1.items()}
     return {
         "base": {"heldout_loss": held.loss, "heldout_perplexity": held.perplexity, "rouge_l": rouge["base"]},
-        "classifier": {k: v for k, v in test.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        "classifier": {k: test[k] for k in CLASSIFIER_SCORES if k in test},
         "instruct": {"val_loss": val_loss, "rouge_l": rouge["instruct"]},
         "rouge_l_ratio": rouge["instruct"] / rouge["base"] if rouge["base"] else None,
     }
@@ -72,7 +74,7 @@ def main() -> None:
     config = params_section("evaluate", EvaluateParams)
     tuning = params_section("finetune_instructions", InstructConfig)
     encoding, base, instruct = tokenizer(), load_model(BASE_MODEL), load_model(INSTRUCT_MODEL)
-    splits = split_entries(load_instructions(INSTRUCTION_DATA), tuning.split_seed)
+    splits = split_entries(read_instruction_set(tuning.data).entries, tuning.split_seed)
     test, examples = splits["test"], {"test": len(splits["test"]), "val": len(splits["val"])}
     responses = {"instruct": read_responses(RESPONSES, test)}
     with Tracker("evaluate", upstream=("pretrain", "finetune_classifier", "finetune_instructions")) as tracker:

@@ -1,6 +1,7 @@
-"""finetune_instructions: instruction-tune models/base/ on data/raw/instruction-data.json, then answer the test split.
+"""finetune_instructions: instruction-tune models/base/ on an instruction set, then answer the test split.
 
-Params `finetune_instructions` (llm.instruction_tuning.InstructConfig): the data split (train/test/val 85/10/5 by
+Params `finetune_instructions` (llm.instruction_tuning.InstructConfig): the data (`data.path`, default
+data/raw/instruction-data.json: Alpaca or chat entries, JSON or JSONL), its split (train/test/val 85/10/5 by
 `split_seed`), full or LoRA tuning (adapters merged at the end), the run (`train`) and the test responses. Writes
 models/instruct/ (a plain model directory), reports/responses.json (instruction, input, reference and response of
 every test entry), metrics/finetune_instructions.json, plots/finetune_instructions/*.csv and
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from llm.data.instructions import load_instructions, split_entries
+from llm.data.instructions import read_instruction_set, split_entries
 from llm.instruction_tuning import InstructConfig, response_rows, run_summary
 from llm.io import sha256_file, write_json
 from llm.lora import parameter_report
@@ -22,7 +23,6 @@ from llm.training import train
 from stages.common import (
     BASE_MODEL,
     INSTRUCT_MODEL,
-    INSTRUCTION_DATA,
     RESPONSES,
     checkpoint_dir,
     params_section,
@@ -38,15 +38,20 @@ STAGE = "finetune_instructions"
 def main() -> None:
     params = params_section(STAGE, InstructConfig)
     started, encoding = time.perf_counter(), tokenizer()
-    splits = split_entries(load_instructions(INSTRUCTION_DATA), params.split_seed)
+    data = read_instruction_set(params.data)
+    splits = split_entries(data.entries, params.split_seed)
+    if data.report():
+        print(f"{STAGE}: {params.data.path}: {data.report()}")
     model = load_model(BASE_MODEL)
     limit = params.example_limit(model.config.context_length)
     kept = params.kept(splits, encoding, limit, "train", "val")
     params.add_adapters(model)
     trainable, base_sha = parameter_report(model)["trainable"], sha256_file(BASE_MODEL / WEIGHTS_FILE)
     logged = {STAGE: dataclasses.asdict(params), "base_weights_sha256": base_sha, "trainable_params": trainable}
-    checkpoints, evaluate = checkpoint_dir(STAGE, base_sha, logged[STAGE]), params.evaluator(kept["val"], limit)
-    logged["examples"] = {name: len(entries) for name, entries in splits.items()}
+    logged["data"] = {"sha256": sha256_file(params.data.path), "ignored_keys": dict(data.ignored_keys),
+                      "skipped_entries": len(data.skipped)}  # fmt: skip
+    checkpoints = checkpoint_dir(STAGE, base_sha, logged[STAGE], logged["data"]["sha256"])
+    evaluate, logged["examples"] = params.evaluator(kept["val"], limit), {k: len(v) for k, v in splits.items()}
     logged["examples_skipped"] = {name: len(splits[name]) - len(examples) for name, examples in kept.items()}
     with tracked_run(STAGE, logged, checkpoints, "pretrain") as tracker:
         batches, sample = params.train_batches(kept["train"], limit), params.sampler(splits["val"][0], encoding)

@@ -7,12 +7,14 @@ import torch
 from llm.config import get_preset
 from llm.data.instructions import (
     Instruction,
+    InstructionData,
     InstructionExample,
     collate_instructions,
     encode,
     format_prompt,
     load_instructions,
     parse_entries,
+    read_instruction_set,
     respond,
     split_entries,
     trainable,
@@ -103,7 +105,7 @@ def good(**changes: object) -> dict[str, object]:
         ([], "empty"),
         ([good(), "text"], "entry 1 must be an object"),
         ([good(), good(), {"instruction": "x", "output": "y"}], "entry 2: missing key 'input'"),
-        ([good(extra="z")], "entry 0: unknown key 'extra'"),
+        ([good(), {"messages": [{"role": "user", "content": "Hi"}]}], "entry 1: the last message must be the assis"),
         ([good(), good(input=3)], "entry 1: 'input' must be a string"),
         ([good(instruction="  ")], "entry 0: 'instruction' is empty"),
         ([good(), good(output="")], "entry 1: 'output' is empty"),
@@ -112,6 +114,14 @@ def good(**changes: object) -> dict[str, object]:
 def test_invalid_entries_name_the_index(data: object, message: str) -> None:
     with pytest.raises(LLMError, match=message):
         parse_entries(data)
+
+
+def test_extra_keys_are_ignored_and_counted(tmp_path: Path) -> None:
+    assert parse_entries([good(extra="z", id=1), good(id=2)]) == parse_entries([good(), good()])
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([good(extra="z", id=1), good(id=2)]), encoding="utf-8")
+    found = read_instruction_set(InstructionData(str(path)))
+    assert len(found.entries) == 2 and found.ignored_keys == {"id": 2, "extra": 1}
 
 
 def test_bad_files_give_clear_errors(tmp_path: Path) -> None:

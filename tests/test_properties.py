@@ -153,7 +153,7 @@ def test_valid_instruction_entries_parse_to_the_same_values(entries: list[dict[s
 CORRUPTIONS = {
     "drop instruction": (lambda e: {k: v for k, v in e.items() if k != "instruction"}, r"missing key 'instruction'"),
     "drop output": (lambda e: {k: v for k, v in e.items() if k != "output"}, r"missing key 'output'"),
-    "extra key": (lambda e: {**e, "response": "x"}, r"unknown key 'response'"),
+    "chat key beside Alpaca keys": (lambda e: {**e, "messages": []}, r"mixes a chat entry's 'messages'"),
     "int input": (lambda e: {**e, "input": 7}, r"'input' must be a string, got int"),
     "null output": (lambda e: {**e, "output": None}, r"'output' must be a string, got NoneType"),
     "blank instruction": (lambda e: {**e, "instruction": " \n"}, r"'instruction' is empty"),
@@ -258,7 +258,7 @@ def test_instruction_collate_shifts_pads_and_masks(
     longest = max(len(ex.ids) for ex in batch)
     width = longest if limit is None else min(longest, limit)
     assert inputs.shape == targets.shape == (len(batch), width) and inputs.dtype == targets.dtype == torch.long
-    for row, (ids, prompt_len) in enumerate(batch):
+    for row, (ids, prompt_len, _) in enumerate(batch):  # no later prompts: one exchange
         n = len(ids)
         full_in = [*ids, *[EOT_ID] * (longest - n)]
         full_tgt = [*ids[1:], EOT_ID, *[-100] * (longest - n)]  # the appended end-of-text is learned
