@@ -60,6 +60,13 @@ class PretrainConfig:
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 40
 
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise LLMError(f"pretrain.nproc must be at least 1 (processes), got {self.nproc}")
+        for name in ("eval_windows", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise LLMError(f"pretrain.{name} must be >= 0, got {getattr(self, name)}")
+
     def train_batches(self, windows: TokenWindows, rank: int, world: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
         """Micro-batch i of this process: its shard of the i-th global batch (see batch_indices)."""
         order = {"seed": self.train.seed, "shuffle": self.shuffle, "rank": rank, "world_size": world}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_inputs import Case, assert_one_error, env_for, run, set_params, snapshot, template, write, ws
 
 from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
@@ -18,6 +19,8 @@ from llm.errors import LLMError
 from llm.io import atomic_path, write_json
 from llm.model import GPT
 from llm.model_dir import save_model
+
+__all__ = ["template", "ws"]  # the bad-input matrix's workspace fixtures
 
 
 def mode(path: Path) -> int:
@@ -108,3 +111,28 @@ def test_an_unwritable_directory_is_one_error_naming_it(tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "checkpoints", tiny_model(), {"step": 1}, best={})
     with pytest.raises(LLMError, match=rf"cannot write into {tmp_path}/checkpoints"):
         write_json(tmp_path / "checkpoints" / "x.json", {})
+
+
+# -- mistakes that would otherwise run the wrong training, or end in a traceback: one error line each --------------
+# (the bad-input matrix's contract, tests/test_bad_inputs.py: exit 1, one `error: ...` line, workspace unchanged)
+SAFETY_CASES: dict[str, Case] = {
+    "pretrain.nproc 0": Case("pretrain", lambda ws: set_params(ws, "pretrain.nproc", 0),
+        r"pretrain\.nproc must be at least 1 \(processes\), got 0"),
+    "pretrain.eval_windows -1": Case("pretrain", lambda ws: set_params(ws, "pretrain.eval_windows", -1),
+        r"pretrain\.eval_windows must be >= 0, got -1"),
+    "tokenize.row_group_tokens 0": Case("tokenize", lambda ws: set_params(ws, "tokenize.row_group_tokens", 0),
+        r"row_group_tokens \(params tokenize\.row_group_tokens\) must be positive, got 0"),
+    "tokenize.num_threads -2": Case("tokenize", lambda ws: set_params(ws, "tokenize.num_threads", -2),
+        r"num_threads \(params tokenize\.num_threads, 0: all CPUs\) must be positive, got -2"),
+    "checkpoints dir unwritable": Case("pretrain", lambda ws: write(ws, "checkpoints", "not a directory"),
+        r"cannot write into checkpoints/pretrain"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SAFETY_CASES)
+def test_bad_input_is_one_error_line(name: str, ws: Path) -> None:
+    case = SAFETY_CASES[name]
+    case.setup(ws)
+    before = snapshot(ws)
+    assert_one_error(run(ws, case.cmd, env_for(ws, **case.env)), case.error)
+    assert snapshot(ws) == before

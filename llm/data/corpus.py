@@ -107,6 +107,10 @@ def tokenize_corpus(
     """
     corpus_dir = Path(corpus_dir)
     files = list_text_files(corpus_dir)
+    if row_group_tokens < 1:
+        raise LLMError(f"row_group_tokens (params tokenize.row_group_tokens) must be positive, got {row_group_tokens}")
+    if num_threads is not None and num_threads < 1:
+        raise LLMError(f"num_threads (params tokenize.num_threads, 0: all CPUs) must be positive, got {num_threads}")
     threads = num_threads or os.cpu_count() or 1
     started = time.perf_counter()
     n_docs = n_empty = n_tokens = n_groups = pending_tokens = 0
