@@ -65,6 +65,34 @@ def temporary_dir(parent: Path, prefix: str) -> Path:
 
 
 @contextlib.contextmanager
+def replaced_dir(path: PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside `path` to write into; when the block succeeds it takes the place of
+    `path` whole (files the new contents lack are gone with the old directory), otherwise it is removed and `path`
+    is left exactly as it was.
+
+    The swap is two renames (`path` → `.<name>.previous.tmp`, the new one → `path`); the leftovers of a killed
+    writer are cleaned up on the next call: its unfinished directories are removed, and an old `path` caught
+    between the two renames is put back first.
+    """
+    target = Path(path)
+    previous = target.parent / f".{target.name}.previous.tmp"
+    if previous.is_dir() and not target.exists():
+        os.replace(previous, target)
+    for stale in [previous, *target.parent.glob(f".{glob.escape(target.name)}.{'?' * 8}.tmp")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_dir(target.parent, f".{target.name}.")
+    try:
+        yield tmp
+        if target.exists():
+            os.replace(target, previous)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
 def writable(directory: Path) -> Iterator[None]:
     """Within the block, failing to create or write into `directory` (permissions, read-only filesystem, a file
     in its place) is an LLMError naming it."""
