@@ -30,7 +30,8 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from llm.data.corpus import list_text_files, tokenize_corpus  # noqa: E402
+from llm.data.corpus import tokenize_corpus  # noqa: E402
+from llm.data.inputs import list_files  # noqa: E402
 from llm.data.text import read_text, strip_gutenberg  # noqa: E402
 from llm.paths import find_mirror  # noqa: E402
 from llm.tokenizer import get_tokenizer  # noqa: E402
@@ -40,7 +41,7 @@ BATCH_CHARS = 8 << 20  # tokenize_corpus's default batch
 
 def build_corpus(source: Path, dest: Path, target_mb: float) -> tuple[int, int]:
     """Copy the files of `source` into dest/rep000, rep001, … until `target_mb` MB; → (files, bytes)."""
-    files = list_text_files(source)
+    files = list_files(source)
     size = sum(f.stat().st_size for f in files)
     copies = max(1, round(target_mb * 1e6 / size))
     for i in range(copies):
@@ -58,7 +59,7 @@ def worker(mode: str, corpus: Path, threads: int) -> dict[str, float]:
             stats = tokenize_corpus(corpus, Path(tmp) / "corpus.parquet", enc, num_threads=threads, progress=False)
             seconds, tokens = time.perf_counter() - started, stats.tokens
     else:
-        texts = [strip_gutenberg(read_text(f)) for f in list_text_files(corpus)]
+        texts = [strip_gutenberg(read_text(f)) for f in list_files(corpus)]
         batches, batch, chars = [], [], 0
         for text in texts:
             batch.append(text)

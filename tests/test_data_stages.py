@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from llm.data.windows import count_windows
+from llm.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -237,3 +239,42 @@ def test_invalid_utf8_is_accepted_when_params_allow_replacement(tmp_path: Path, 
     write_corpus(ws, mirror, {"b.txt": b"caf\xe9 ok"})
     sh(sys.executable, "-m", "stages.tokenize", cwd=ws, env=make_env(tmp_path))
     assert json.loads((ws / "metrics/data.json").read_text(encoding="utf-8"))["documents"] == 1
+
+
+@pytest.mark.slow
+def test_a_file_of_yours_in_fetchs_folder_is_never_deleted_and_data_corpus_is_the_way(
+    tmp_path: Path, mirror: Path
+) -> None:
+    """The bug of issue #16: a book put in data/raw/corpus/ vanished at the next `dvc repro` (DVC restored fetch's
+    cached folder over it). Now fetch stops naming it; in data/corpus/ under `dvc add` it joins the corpus."""
+    env = make_env(tmp_path, LLM_DATA_MIRROR=str(mirror))
+    repo = make_repo(tmp_path / "repo", env, small_params(None))
+    sh(DVC, "repro", "tokenize", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-q", "-m", "data", cwd=repo, env=env)
+    book = b"My own book.\nIt has two lines.\n"
+    (repo / "data/raw/corpus/my_book.txt").write_bytes(book)
+    refused = sh(DVC, "repro", "tokenize", cwd=repo, env=env, ok=False)
+    assert refused.returncode != 0 and (repo / "data/raw/corpus/my_book.txt").read_bytes() == book
+    assert "data/raw/corpus/my_book.txt: not fetched" in refused.stderr and "dvc add data/corpus" in refused.stderr
+
+    (repo / "data/corpus").mkdir()
+    (repo / "data/raw/corpus/my_book.txt").rename(repo / "data/corpus/my_book.txt")
+    sh(DVC, "add", "data/corpus", cwd=repo, env=env)
+    params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+    params["tokenize"]["inputs"].append({"path": "data/corpus"})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    undeclared = sh(DVC, "repro", "tokenize", cwd=repo, env=env, ok=False)
+    assert "add `- data/corpus` under stages.tokenize.deps in dvc.yaml" in undeclared.stderr
+
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    pipeline["stages"]["tokenize"]["deps"].insert(1, "data/corpus")  # the one line the error names
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
+    assert ran(sh(DVC, "repro", "tokenize", cwd=repo, env=env)) == ["tokenize"]
+    table = pq.read_table(repo / "data/tokens/corpus.parquet")
+    assert table["source"].to_pylist()[-1] == "my_book.txt" and table.num_rows == 3
+    assert table["tokens"][-1].as_py() == get_tokenizer(mirror / "tokenizer/r50k_base.tiktoken").encode_ordinary(
+        book.decode()
+    )
+    (repo / "data/corpus/my_book.txt").write_bytes(book + b"A third line.\n")
+    assert ran(sh(DVC, "repro", "tokenize", cwd=repo, env=env)) == ["tokenize"]  # a change reruns tokenize only

@@ -138,3 +138,18 @@ def test_source_validation(fields: dict[str, str], message: str) -> None:
     base = {"name": "s", "url": "https://example.com/a", "sha256": "a" * 64, "path": "a.txt"}
     with pytest.raises(LLMError, match=message):
         Source(**{**base, **fields})
+
+
+def test_fetch_stops_at_a_file_it_does_not_own_and_deletes_nothing(mirror: Path, tmp_path: Path) -> None:
+    book = source_for(mirror, "corpus/pg00011_alices_adventures_in_wonderland.txt")
+    raw = tmp_path / "raw"
+    fetch_all([book], raw, mirror)
+    (raw / "corpus/sub").mkdir()
+    (raw / "corpus/sub/mine.txt").write_text("my own book", encoding="utf-8")
+    (raw / "corpus/.gitignore").write_text("/x\n", encoding="utf-8")  # DVC's own files are not strays
+    (raw / "elsewhere.txt").write_text("not in a folder fetch fills", encoding="utf-8")
+    with pytest.raises(LLMError, match=r"raw/corpus/sub/mine\.txt: not fetched .*move your files to data/corpus/"):
+        fetch_all([book], raw, mirror)
+    assert (raw / "corpus/sub/mine.txt").read_text(encoding="utf-8") == "my own book"
+    (raw / "corpus/sub/mine.txt").unlink()
+    assert fetch_all([book], raw, mirror) == {"mirror": 1, "download": 0}

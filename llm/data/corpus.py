@@ -1,9 +1,9 @@
-"""A folder of text files → one Parquet file of GPT-2 token ids, streamed with bounded memory.
+"""A corpus (text files, tables, datasets: `llm.data.inputs`) → one Parquet file of GPT-2 token ids, streamed.
 
-Schema (one row per non-empty document, in file-name order): `doc_id` int64 (0, 1, …), `source` string (file
-path relative to the corpus folder), `n_tokens` int32, `tokens` list<uint16>. Row groups hold about
-`row_group_tokens` tokens each. Memory is bounded by the text batch (`batch_chars`), one row group and the
-largest single file, whatever the number of files.
+Schema (one row per non-empty document, in input order): `doc_id` int64 (0, 1, …), `source` string (file
+path relative to its input's folder, `:<line>`/`:<row>` added for a table's rows), `n_tokens` int32, `tokens`
+list<uint16>. Row groups hold about `row_group_tokens` tokens each. Memory is bounded by the text batch
+(`batch_chars`), one row group and the largest single document, whatever the size of the corpus.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import tiktoken
 from tqdm import tqdm
 
-from llm.data.text import read_text, strip_gutenberg
+from llm.data.inputs import CorpusInput, Document, input_bytes, read_documents
+from llm.data.text import strip_gutenberg
 from llm.errors import LLMError
 from llm.io import atomic_path
 from llm.tokenizer import tokenizer_fingerprint
@@ -56,19 +57,6 @@ class CorpusStats:
         return {**dataclasses.asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
-def list_text_files(corpus_dir: str | Path) -> list[Path]:
-    """The `*.txt` files under `corpus_dir` (recursively), sorted; LLMError when there are none."""
-    root = Path(corpus_dir)
-    if not root.is_dir():
-        raise LLMError(f"corpus folder not found: {root} (run the fetch stage: dvc repro fetch)")
-    files = sorted(p for p in root.rglob("*.txt") if p.is_file())
-    if not files:
-        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
-        found = f"; it holds {', '.join(others)}" if others else "; it is empty"
-        raise LLMError(f"corpus folder {root} has no .txt files{found}")
-    return files
-
-
 def split_text(text: str, piece_chars: int) -> list[str]:
     """Cut `text` into pieces of about `piece_chars` characters (or more) that encode independently.
 
@@ -87,7 +75,7 @@ def split_text(text: str, piece_chars: int) -> list[str]:
 
 
 def tokenize_corpus(
-    corpus_dir: str | Path,
+    corpus: str | Path | Sequence[CorpusInput],
     out_path: str | Path,
     enc: tiktoken.Encoding,
     *,
@@ -99,14 +87,16 @@ def tokenize_corpus(
     piece_chars: int = 1 << 16,
     progress: bool = True,
 ) -> CorpusStats:
-    """Tokenize every text file of `corpus_dir` into the Parquet file `out_path` (written atomically).
+    """Tokenize every document of `corpus` (a folder of .txt files, or inputs) into the Parquet file `out_path`.
 
-    Files are read `batch_chars` characters at a time, cut into `piece_chars` pieces and encoded on
+    The file is written atomically: an error (a bad file or row) leaves no output. Documents are read
+    `batch_chars` characters at a time, cut into `piece_chars` pieces and encoded on
     `num_threads` threads (default: all CPUs) exactly like `enc.encode_ordinary` (special tokens are plain text).
     Empty documents (after boilerplate removal) are skipped; a corpus with no tokens at all is an error.
     """
-    corpus_dir = Path(corpus_dir)
-    files = list_text_files(corpus_dir)
+    inputs = [CorpusInput(path=str(corpus))] if isinstance(corpus, str | Path) else list(corpus)
+    if not inputs:
+        raise LLMError("the corpus has no inputs (params tokenize.inputs)")
     if row_group_tokens < 1:
         raise LLMError(f"row_group_tokens (params tokenize.row_group_tokens) must be positive, got {row_group_tokens}")
     if num_threads is not None and num_threads < 1:
@@ -129,45 +119,47 @@ def tokenize_corpus(
         return enc.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
 
     schema = SCHEMA.with_metadata({TOKENIZER_KEY: tokenizer_fingerprint().encode()})
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = input_bytes(inputs)
+    n_read, from_text_files = 0, all(item.path is not None and (item.format or "text") == "text" for item in inputs)
     with (
         atomic_path(out_path) as tmp,
         pq.ParquetWriter(tmp, schema) as writer,
         ThreadPoolExecutor(threads) as pool,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None if progress else True) as bar,
     ):
-        for batch in _text_batches(files, batch_chars, strip_boilerplate, allow_replacement):
-            pieces = [split_text(text, piece_chars) for _, text, _ in batch]
+        documents = read_documents(inputs, allow_replacement=allow_replacement)
+        for batch in _batches(documents, batch_chars, strip_boilerplate):
+            n_read += len(batch)
+            pieces = [split_text(doc.text, piece_chars) for doc in batch]
             encoded = iter(pool.map(encode, [p for doc in pieces for p in doc]))
-            for (path, _, size), doc_pieces in zip(batch, pieces, strict=True):
+            for (source, _, size), doc_pieces in zip(batch, pieces, strict=True):
                 tokens = np.concatenate([next(encoded) for _ in doc_pieces])
                 bar.update(size)
                 if tokens.size == 0:
                     n_empty += 1
                     continue
-                pending.append((path.relative_to(corpus_dir).as_posix(), tokens))
+                pending.append((source, tokens))
                 n_tokens += tokens.size
                 pending_tokens += tokens.size
                 if pending_tokens >= row_group_tokens:
                     flush()
         flush()
         if n_docs == 0:
-            raise LLMError(f"corpus {corpus_dir} is empty: its {len(files)} text file(s) hold no text")
+            what = "text file(s)" if from_text_files else "document(s)"
+            names = ", ".join(item.name for item in inputs)
+            raise LLMError(f"corpus {names} is empty: its {n_read} {what} hold no text")
     return CorpusStats(n_docs, n_empty, n_tokens, total_bytes, n_groups, time.perf_counter() - started)
 
 
-def _text_batches(
-    files: list[Path], batch_chars: int, strip_boilerplate: bool, allow_replacement: bool
-) -> Iterator[list[tuple[Path, str, int]]]:
-    """Groups of (path, normalised text, file bytes) holding about `batch_chars` characters (or one file)."""
-    batch: list[tuple[Path, str, int]] = []
+def _batches(documents: Iterable[Document], batch_chars: int, strip_boilerplate: bool) -> Iterator[list[Document]]:
+    """Groups of documents (boilerplate stripped if asked) holding about `batch_chars` characters (or one)."""
+    batch: list[Document] = []
     chars = 0
-    for path in files:
-        text = read_text(path, allow_replacement=allow_replacement)
+    for doc in documents:
         if strip_boilerplate:
-            text = strip_gutenberg(text)
-        batch.append((path, text, path.stat().st_size))
-        chars += len(text)
+            doc = doc._replace(text=strip_gutenberg(doc.text))
+        batch.append(doc)
+        chars += len(doc.text)
         if chars >= batch_chars:
             yield batch
             batch, chars = [], 0

@@ -79,6 +79,7 @@ def fetch_all(sources: Sequence[Source], raw_dir: str | Path, mirror: Path | Non
         dupes = sorted({v for v in seen if seen.count(v) > 1})
         if dupes:
             raise LLMError(f"data sources: duplicate {attr} {dupes[0]!r}")
+    check_no_strays(sources, raw_dir)
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in raw_dir.parent.glob(".fetch-*"):  # staging left by a killed fetch (SIGKILL runs no cleanup)
         shutil.rmtree(stale, ignore_errors=True)
@@ -90,6 +91,26 @@ def fetch_all(sources: Sequence[Source], raw_dir: str | Path, mirror: Path | Non
             (raw_dir / source.path).parent.mkdir(parents=True, exist_ok=True)
             os.replace(Path(staging) / source.path, raw_dir / source.path)
     return counts
+
+
+def check_no_strays(sources: Sequence[Source], raw_dir: str | Path) -> None:
+    """LLMError naming the files in fetch's folders (`raw_dir/<first part of a source's path>/`) that no source
+    writes (other than DVC's .gitignore files): DVC rewrites these folders, so a file of yours there would be
+    lost. Nothing is deleted."""
+    raw_dir, own = Path(raw_dir), {PurePosixPath(s.path) for s in sources}
+    folders = sorted({raw_dir / path.parts[0] for path in own if len(path.parts) > 1})
+    strays = [
+        p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".gitignore" and PurePosixPath(p.relative_to(raw_dir).as_posix()) not in own
+    ]  # fmt: skip
+    if strays:
+        more = f" and {len(strays) - 3} more" if len(strays) > 3 else ""
+        shown = ", ".join(p.as_posix() for p in strays[:3]) + more
+        raise LLMError(
+            f"{shown}: not fetched by any data.sources entry, and fetch's folders are DVC's to rewrite; fetch stops so "
+            f"nothing of yours is lost: move your files to data/corpus/ and track them with `dvc add data/corpus` "
+            f"(docs/data.md: Use your own data), or delete them if they are old downloads"
+        )
 
 
 def _download(source: Source, dest: Path, mirror: Path | None) -> None:
