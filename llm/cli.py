@@ -113,13 +113,16 @@ def generate_command(args: argparse.Namespace) -> None:
 def _import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="a local HF GPT-2 directory or a hub name: gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     parser.add_argument("out", help="model directory to write (config.json + model.safetensors)")
+    parser.add_argument("--force", action="store_true", help="write into OUT even when it holds files")
 
 
 @command("import-hf", "convert OpenAI GPT-2 weights (Hugging Face layout) to our model directory", _import_arguments)
 def import_hf_command(args: argparse.Namespace) -> None:
     from llm.hf import import_hf
+    from llm.io import check_destination
     from llm.model_dir import save_model
 
+    check_destination(args.out, args.src, force=args.force)
     model = import_hf(args.src)
     save_model(model, args.out, extra={"source": str(args.src)})
     print(f"wrote {args.out}: {model.num_parameters():,} parameters from {args.src}")
@@ -128,13 +131,16 @@ def import_hf_command(args: argparse.Namespace) -> None:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="our model directory")
     parser.add_argument("out", help="directory to write for transformers.GPT2LMHeadModel.from_pretrained")
+    parser.add_argument("--force", action="store_true", help="write into OUT even when it holds files")
 
 
 @command("export-hf", "write a model in the Hugging Face GPT-2 layout", _export_arguments)
 def export_hf_command(args: argparse.Namespace) -> None:
     from llm.hf import export_hf
+    from llm.io import check_destination
     from llm.model_dir import load_model
 
+    check_destination(args.out, args.model_dir, force=args.force)
     model = load_model(args.model_dir)
     export_hf(model, args.out)
     print(f"wrote {args.out}: {model.num_parameters():,} parameters in the Hugging Face GPT-2 layout")
@@ -210,25 +216,27 @@ def _classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("classify", "label texts with a fine-tuned classifier; prints label<TAB>probability", _classify_arguments)
 def classify_command(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from llm.classifier import classify, load_classifier
     from llm.device import resolve_device
+    from llm.io import read_utf8
     from llm.tokenizer import get_tokenizer
 
     if args.texts and args.file:
         raise LLMError("give TEXT arguments or --file, not both")
+    if args.batch_size < 1:
+        raise LLMError(f"--batch-size must be at least 1, got {args.batch_size}")
     texts = args.texts
     if not texts:
         if args.file:
-            try:
-                raw = Path(args.file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as err:
-                raise LLMError(f"cannot read {args.file}: {err}") from err
+            raw = read_utf8(args.file)
         elif sys.stdin.isatty():
             raise LLMError("no texts: give TEXT arguments, --file, or lines on stdin")
         else:
-            raw = sys.stdin.read()
+            data = sys.stdin.buffer.read()
+            try:  # strictly, as --file reads: the text stream would decode bad bytes with the locale's handler
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LLMError(f"stdin is not valid UTF-8 (byte {err.start})") from err
         texts = [line for line in raw.splitlines() if line.strip()]
         if not texts:
             raise LLMError(f"no texts to classify in {args.file or 'stdin'}")

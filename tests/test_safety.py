@@ -4,18 +4,24 @@ temporary files), and a full disk is one LLMError naming the file and the space,
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import re
+import shutil
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from test_bad_inputs import Case, assert_one_error, env_for, run, set_params, snapshot, template, write, ws
+from test_bad_inputs import BIN, TINY, Case, assert_one_error, env_for, run, set_params, snapshot, template, write, ws
 
 from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
+from llm.data.sources import Source, fetch_source
 from llm.errors import LLMError
+from llm.hf import export_hf
 from llm.io import atomic_path, write_json
 from llm.model import GPT
 from llm.model_dir import save_model
@@ -126,6 +132,27 @@ SAFETY_CASES: dict[str, Case] = {
         r"num_threads \(params tokenize\.num_threads, 0: all CPUs\) must be positive, got -2"),
     "checkpoints dir unwritable": Case("pretrain", lambda ws: write(ws, "checkpoints", "not a directory"),
         r"cannot write into checkpoints/pretrain"),
+    "classifier.labels names a class no row has": Case("finetune_classifier",
+        lambda ws: set_params(ws, "finetune_classifier.classifier.labels", ["ham", "spam", "eggs"]),
+        r"label 'eggs' of classifier\.labels: no row of data/raw/sms_spam_collection\.tsv has it"),
+    "labelled file with a single class": Case("finetune_classifier",
+        lambda ws: write(ws, "data/raw/sms_spam_collection.tsv", "".join(f"ham\tmessage {i}\n" for i in range(40))),
+        r"data/raw/sms_spam_collection\.tsv holds a single class \['ham'\]: a classifier needs at least two"),
+    "instructions nested too deeply": Case("finetune_instructions",
+        lambda ws: write(ws, "data/raw/instruction-data.json", "[" * 200_000 + "]" * 200_000),
+        r"data/raw/instruction-data\.json: JSON nested too deeply"),
+    "generate --temperature nan": Case(("generate", "--model", "models/base", "--prompt", "Hi", "--temperature", "nan"),
+        lambda ws: None, r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+    "classify --batch-size 0": Case(("classify", "--batch-size", "0", "some text"), lambda ws: None,
+        r"--batch-size must be at least 1, got 0"),
+    "export-hf onto its own source": Case(("export-hf", "models/base", "models/base", "--force"), lambda ws: None,
+        r"models/base is \(inside\) the source models/base: write to another directory"),
+    "export-hf inside its own source": Case(("export-hf", "models/base", "models/base/hf/../hf"), lambda ws: None,
+        r"models/base/hf/\.\./hf is \(inside\) the source models/base"),
+    "export-hf into a non-empty folder": Case(("export-hf", "models/base", "models"), lambda ws: None,
+        r"models is not empty: choose an empty or new directory, or pass --force to write into it"),
+    "import-hf into a non-empty folder": Case(("import-hf", "hf", "models/base"),
+        lambda ws: export_hf(GPT(TINY), ws / "hf"), r"models/base is not empty: .* pass --force"),
 }  # fmt: skip
 
 
@@ -136,3 +163,43 @@ def test_bad_input_is_one_error_line(name: str, ws: Path) -> None:
     before = snapshot(ws)
     assert_one_error(run(ws, case.cmd, env_for(ws, **case.env)), case.error)
     assert snapshot(ws) == before
+
+
+def test_classify_refuses_invalid_utf8_on_stdin_as_it_does_in_a_file(ws: Path) -> None:
+    """The same bytes are refused through stdin and --file (the text stream would decode them with the locale's
+    error handler and classify the result)."""
+    bad = "caf\u00e9 ok\n".encode("latin-1")
+    write(ws, "texts.txt", bad)
+    env = env_for(ws, PYTHONIOENCODING="utf-8:surrogateescape")
+    for args, stdin in ((("--file", "texts.txt"), b""), ((), bad)):
+        result = subprocess.run(
+            [str(BIN / "llm"), "classify", *args], cwd=ws, env=env, input=stdin, capture_output=True, timeout=120
+        )
+        assert result.returncode == 1, result
+        assert re.fullmatch(rb"error: (texts\.txt|stdin) is not valid UTF-8 \(byte 3\)\n", result.stderr), result
+
+
+def test_export_hf_with_force_writes_into_a_non_empty_folder_but_never_into_its_source(ws: Path) -> None:
+    (ws / "out").mkdir()
+    write(ws, "out/notes.txt", "kept")
+    env = env_for(ws)
+    done = subprocess.run([str(BIN / "llm"), "export-hf", "models/base", "out", "--force"], cwd=ws, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (ws / "out" / "model.safetensors").is_file() and (ws / "out" / "notes.txt").read_text() == "kept"
+    (ws / "link").symlink_to(ws / "models" / "base")
+    before = snapshot(ws / "models")
+    refused = subprocess.run([str(BIN / "llm"), "export-hf", "models/base", "link", "--force"], cwd=ws, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 1 and "is (inside) the source models/base" in refused.stderr
+    assert snapshot(ws / "models") == before
+
+
+def test_a_full_disk_while_fetching_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "a.txt").write_text("data")
+    source = Source("a", "https://example.com/a.txt", hashlib.sha256(b"data").hexdigest(), "a.txt")
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(LLMError, match=rf"no space left on the device writing {tmp_path}/raw/a\.txt"):
+        fetch_source(source, tmp_path / "raw" / "a.txt", tmp_path / "mirror")
+    assert list((tmp_path / "raw").iterdir()) == []
