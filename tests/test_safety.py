@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
 import stat
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -195,11 +197,19 @@ def test_export_hf_with_force_writes_into_a_non_empty_folder_but_never_into_its_
     assert snapshot(ws / "models") == before
 
 
-def test_a_full_disk_while_fetching_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("origin", ["mirror", "download"])
+def test_a_full_disk_while_fetching_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origin: str
+) -> None:
+    """Not "source is missing ... download failed": the disk is full, and nothing is left half-written."""
     (tmp_path / "mirror").mkdir()
-    (tmp_path / "mirror" / "a.txt").write_text("data")
+    if origin == "mirror":
+        (tmp_path / "mirror" / "a.txt").write_text("data")
+        monkeypatch.setattr(shutil, "copyfile", disk_full)
+    else:
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"data"))
+        monkeypatch.setattr(shutil, "copyfileobj", disk_full)
     source = Source("a", "https://example.com/a.txt", hashlib.sha256(b"data").hexdigest(), "a.txt")
-    monkeypatch.setattr(shutil, "copyfile", disk_full)
     with pytest.raises(LLMError, match=rf"no space left on the device writing {tmp_path}/raw/a\.txt"):
         fetch_source(source, tmp_path / "raw" / "a.txt", tmp_path / "mirror")
     assert list((tmp_path / "raw").iterdir()) == []

@@ -6,6 +6,7 @@ the same (see ../shared/data/README.md). All files land atomically: a failed fet
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -126,6 +127,8 @@ def _download(source: Source, dest: Path, mirror: Path | None) -> None:
                 with zipfile.ZipFile(archive) as zf, zf.open(source.member) as member:
                     _copy(member, dest)
     except (OSError, zipfile.BadZipFile, KeyError) as err:  # URLError and socket errors are OSErrors
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise  # a full disk, not a missing source: atomic_path names the file and the space left
         where = f"not in the mirror {mirror}" if mirror is not None else "no data mirror"
         raise LLMError(
             f"source {source.name!r} ({source.path}) is missing: {where} and download from {source.url} "
