@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm.io import atomic_path, write_json
+from llm.io import atomic_path, replaced_dir, write_json
 
 if TYPE_CHECKING:
     from llm.data.classification import ClassificationExample
@@ -67,8 +67,6 @@ def write_classifier_reports(
         for i, (e, a, p) in enumerate(zip(examples, labels, predicted, strict=True))
         if a != p
     ]
-    misclassified, figure = report_dir / MISCLASSIFIED_FILE, report_dir / CONFUSION_FIGURE
-    write_json(misclassified, wrong)
 
     def draw_confusion(axes: Any) -> None:
         axes.imshow(np.array(confusion), cmap="Blues")
@@ -77,8 +75,10 @@ def write_classifier_reports(
         axes.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names)
         axes.set(xlabel="predicted", ylabel="actual", title="test confusion matrix")
 
-    save_figure(figure, draw_confusion, size=(4, 3.5))
-    return misclassified, figure
+    with replaced_dir(report_dir) as staged:  # report_dir changes only whole
+        write_json(staged / MISCLASSIFIED_FILE, wrong)
+        save_figure(staged / CONFUSION_FIGURE, draw_confusion, size=(4, 3.5))
+    return report_dir / MISCLASSIFIED_FILE, report_dir / CONFUSION_FIGURE
 
 
 def write_rouge_csv(path: Path, rouge: dict[str, list[float]]) -> None:
@@ -121,43 +121,44 @@ def write_evaluation_report(
         axes.set(xlabel="judge score (0-100)", ylabel="responses", title=f"LLM judge ({judge_model})")
 
     def figure(name: str, draw: Callable[[Any], None]) -> str:
-        save_figure(figures_dir / name, draw)
+        save_figure(staged / name, draw)
         return Path(os.path.relpath(figures_dir / name, path.parent)).as_posix()
 
-    base, instruct, clf = board["base"], board["instruct"], board["classifier"]
-    lines = [
-        "# Evaluation",
-        "",
-        "| what | metric | value |",
-        "|---|---|---|",
-        f"| base model | held-out loss / perplexity ({heldout_tokens:,} tokens) | "
-        f"{base['heldout_loss']:.3f} / {base['heldout_perplexity']:.1f} |",
-        *(f"| classifier | test {k} | {_number(v)} |" for k, v in clf.items()),
-        f"| instruction model | val loss | {instruct['val_loss']:.3f} |",
-        f"| instruction model | ROUGE-L F1 (test, {len(test)}) | {instruct['rouge_l']:.3f} |",
-        f"| base model, same prompts | ROUGE-L F1 (test, {len(test)}) | {base['rouge_l']:.3f} |",
-        f"| | ROUGE-L ratio instruct / base | {_number(board['rouge_l_ratio'])}× |",
-    ]
-    if verdict is not None:
-        lines.append(
-            f"| instruction model | judge score ({judge_model}, 0–100) | {instruct['judge_score']:.1f} "
-            f"({instruct['judge_unparseable']} unparseable) |"
-        )
-    lines += ["", f"![ROUGE-L]({figure(ROUGE_FIGURE, rouge_hist)})"]
-    if verdict is not None:
-        lines += ["", f"![judge]({figure(JUDGE_FIGURE, judge_hist)})"]
-    lines += ["", "## Examples from the test split", ""]
-    for i, entry in enumerate(test[:examples]):
-        lines += [
-            f"### {i + 1}. {entry.instruction}",
-            *([f"*Input:* {entry.input}", ""] if entry.input else []),
-            f"- **reference:** {entry.output}",
-            f"- **instruct** (ROUGE-L {rouge['instruct'][i]:.2f}): {responses['instruct'][i] or '(empty)'}",
-            f"- **base** (ROUGE-L {rouge['base'][i]:.2f}): {responses['base'][i] or '(empty)'}",
+    with replaced_dir(figures_dir) as staged:  # figures_dir changes only whole (no figure of an earlier run stays)
+        base, instruct, clf = board["base"], board["instruct"], board["classifier"]
+        lines = [
+            "# Evaluation",
             "",
+            "| what | metric | value |",
+            "|---|---|---|",
+            f"| base model | held-out loss / perplexity ({heldout_tokens:,} tokens) | "
+            f"{base['heldout_loss']:.3f} / {base['heldout_perplexity']:.1f} |",
+            *(f"| classifier | test {k} | {_number(v)} |" for k, v in clf.items()),
+            f"| instruction model | val loss | {instruct['val_loss']:.3f} |",
+            f"| instruction model | ROUGE-L F1 (test, {len(test)}) | {instruct['rouge_l']:.3f} |",
+            f"| base model, same prompts | ROUGE-L F1 (test, {len(test)}) | {base['rouge_l']:.3f} |",
+            f"| | ROUGE-L ratio instruct / base | {_number(board['rouge_l_ratio'])}× |",
         ]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
+        if verdict is not None:
+            lines.append(
+                f"| instruction model | judge score ({judge_model}, 0–100) | {instruct['judge_score']:.1f} "
+                f"({instruct['judge_unparseable']} unparseable) |"
+            )
+        lines += ["", f"![ROUGE-L]({figure(ROUGE_FIGURE, rouge_hist)})"]
+        if verdict is not None:
+            lines += ["", f"![judge]({figure(JUDGE_FIGURE, judge_hist)})"]
+        lines += ["", "## Examples from the test split", ""]
+        for i, entry in enumerate(test[:examples]):
+            lines += [
+                f"### {i + 1}. {entry.instruction}",
+                *([f"*Input:* {entry.input}", ""] if entry.input else []),
+                f"- **reference:** {entry.output}",
+                f"- **instruct** (ROUGE-L {rouge['instruct'][i]:.2f}): {responses['instruct'][i] or '(empty)'}",
+                f"- **base** (ROUGE-L {rouge['base'][i]:.2f}): {responses['base'][i] or '(empty)'}",
+                "",
+            ]
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def _number(value: float | int | None) -> str:

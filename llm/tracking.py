@@ -44,7 +44,7 @@ from typing import Any
 
 from llm.allocator import memory_tags
 from llm.errors import Interrupted, LLMError
-from llm.io import PathLike, atomic_path, read_json, write_json
+from llm.io import PathLike, read_json, replaced_dir, write_json
 from llm.paths import repo_root
 from llm.signals import handling, raise_interrupted, sigterm_held_back
 
@@ -188,10 +188,12 @@ class Tracker:
             raise
         finally:  # a run that exists is always ended: also when a signal struck before the hold began, or after
             # a failed call switched tracking off (a store that is still down costs one more attempt)
-            if self.run_id is not None:
-                self._client = self._run_client
-                self._mlflow(lambda: self._client.set_terminated(self.run_id, self.status))
-            self._sigterm.close()
+            try:
+                if self.run_id is not None:
+                    self._client = self._run_client
+                    self._mlflow(lambda: self._client.set_terminated(self.run_id, self.status))
+            finally:  # also when a SIGTERM held back during that last call raises: no handler outlives the run
+                self._sigterm.close()
 
     def __enter__(self) -> Tracker:
         return self
@@ -221,13 +223,16 @@ class Tracker:
         end_orphaned_runs(client, experiment_id, self.stage)
 
     def _write_dvc_files(self) -> None:
-        """metrics/<stage>.json, plots/<stage>/<metric>.csv and runs/<stage>.json, each written atomically."""
+        """metrics/<stage>.json, plots/<stage>/<metric>.csv and runs/<stage>.json, each file (and the plots folder)
+        written atomically."""
         write_json(self.metrics_file, {k: _json_number(v) for k, v in self.latest.items()})
-        for key, points in self.series.items():
-            with atomic_path(self.plots_dir / f"{key}.csv") as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["step", key])
-                writer.writerows(sorted(points.items()))
+        if self.series:  # the folder is replaced whole: no CSV of an earlier run's metric stays
+            with replaced_dir(self.plots_dir) as staged:
+                for key, points in self.series.items():
+                    with open(staged / f"{key}.csv", "w", newline="") as f:
+                        writer = csv.writer(f)
+                        writer.writerow(["step", key])
+                        writer.writerows(sorted(points.items()))
         uri = redact(self.uri)
         run = {"run_id": self.run_id, "tracking_uri": uri, "experiment_id": self.experiment_id}
         write_json(self.run_file, run if self.run_id else {"run_id": None, "tracking_uri": None})

@@ -4,8 +4,9 @@ resumable checkpoints, the one-line summary and clean errors. Kept light (no tor
 import hashlib
 import json
 import shutil
+import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ import yaml
 from llm.config import from_mapping, suggest
 from llm.errors import LLMError
 from llm.io import read_utf8
+from llm.signals import STOP_SIGNALS
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
 
@@ -32,21 +34,46 @@ RESPONSES, CLASSIFIER_METRICS = Path("reports/responses.json"), Path("metrics/fi
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, never a DVC out (DVC never deletes them)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (not the last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if not isinstance(key, Hashable):
+                continue  # the base loader names an unhashable key itself
+            if key in lines:
+                line = key_node.start_mark.line + 1
+                raise LLMError(f"{self.name}: key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """The params file's sections; one outside SECTIONS is an error (a typo never silently means defaults)."""
+    """The params file's sections; one outside SECTIONS, an empty one or a key written twice is an error (a typo
+    never silently means defaults, nor another value)."""
+    text = read_utf8(path, missing=": run stages from the repository root")
     try:
-        data = yaml.safe_load(read_utf8(path, missing=": run stages from the repository root"))
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise LLMError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
     if not isinstance(data, dict):
         raise LLMError(f"{path} must be a mapping of sections, got {type(data).__name__}")
-    for name in data:
+    for name, section in data.items():
         if name not in SECTIONS:
             raise LLMError(
                 f"{path}: unknown section {name!r}{suggest(str(name), SECTIONS)}; valid sections: {', '.join(SECTIONS)}"
             )
+        if section is None:
+            raise LLMError(f"{path}: section {name!r} is empty; give its settings, or `{name}: {{}}` for the defaults")
     return data
 
 
@@ -56,7 +83,7 @@ def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None
     params = load_params() if params is None else params
     if name not in params:
         raise LLMError(f"{PARAMS_FILE}: section {name!r} is missing")
-    section, where = params[name] or {}, f"{PARAMS_FILE}:{name}"
+    section, where = params[name], f"{PARAMS_FILE}:{name}"
     train = section.get("train") if isinstance(section, Mapping) else None
     for key in getattr(cls, "derived_train_keys", ()):
         if isinstance(train, Mapping) and key in train:
@@ -91,9 +118,19 @@ def summary(stage: str, values: Mapping[str, float], *outs: Path) -> None:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main`; an LLMError becomes one line on stderr and exit status 1 (no traceback)."""
+    """Run a stage's `main`; an LLMError or an interrupt becomes one line on stderr and exit status 1 (no
+    traceback). Once `main` ends, SIGINT and SIGTERM get their default actions back: one that arrives while the
+    interpreter shuts down ends the process by that signal, never as a traceback from an exit handler with
+    status 0 (a handler raising `Interrupted` must not outlive the stage)."""
     try:
-        main()
-    except LLMError as err:
+        try:
+            main()
+        finally:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+    except KeyboardInterrupt:  # a SIGINT outside the blocks that handle it (e.g. while loading)
+        print("error: stopped by SIGINT", file=sys.stderr)
+        sys.exit(1)
+    except LLMError as err:  # llm.errors.Interrupted included
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

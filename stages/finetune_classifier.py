@@ -19,7 +19,7 @@ import torch
 from llm.classifier import GPTClassifier, classification_evaluator, classification_loss, export_merged, save_classifier
 from llm.classifier_tuning import ClassifierTuningConfig, flat_metrics, run_summary
 from llm.errors import LLMError
-from llm.io import sha256_file, write_json
+from llm.io import replaced_dir, sha256_file, write_json
 from llm.lora import parameter_report
 from llm.model_dir import WEIGHTS_FILE, load_model
 from llm.reports import write_classifier_reports
@@ -59,7 +59,6 @@ def main() -> None:
         hooks = {"loss_fn": classification_loss, "evaluate": evaluate, "tracker": tracker}
         result = train(model, params.train_batches(data["train"]), config, checkpoint_dir=checkpoints, **hooks)
         model = model.cpu().eval()
-        save_classifier(model, OUT_DIR, BASE_MODEL)
         predictions, scores = params.scores(model, data)
         reports = write_classifier_reports(
             data["test"].examples,
@@ -73,8 +72,10 @@ def main() -> None:
             tracker.log_artifact(path, folder)
         training = run_summary(result, params.classifier.method, sizes, skipped)
         tracker.log_metrics(flat_metrics(scores, training))
-        if params.export_merged:
-            export_merged(model, OUT_DIR / "merged")
+        with replaced_dir(OUT_DIR) as staged:  # models/classifier/ changes only whole, once all is computed
+            save_classifier(model, staged, BASE_MODEL)
+            if params.export_merged:
+                export_merged(model, staged / "merged")
     # the Tracker's flat file holds the last step's values; the stage's summary replaces it (read by evaluate)
     write_json(CLASSIFIER_METRICS, {**scores, "training": training})
     shown = {f"test_{key}": scores["test"][key] for key in ("accuracy", "f1", "roc_auc")}

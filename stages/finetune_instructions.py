@@ -16,7 +16,7 @@ import time
 
 from llm.data.instructions import read_instruction_set, split_entries
 from llm.instruction_tuning import InstructConfig, response_rows, run_summary
-from llm.io import sha256_file, write_json
+from llm.io import replaced_dir, sha256_file, write_json
 from llm.lora import parameter_report
 from llm.model_dir import WEIGHTS_FILE, load_model, provenance, save_model
 from llm.training import train
@@ -60,8 +60,10 @@ def main() -> None:
         model = model.cpu().eval()
         params.merge_adapters(model)  # models/instruct/ is a plain model directory
         done = run_summary(result, params, len(kept["train"]), trainable)
-        save_model(model, INSTRUCT_MODEL, extra=provenance(STAGE, done))
-        write_json(RESPONSES, response_rows(splits["test"], params.responses(model, splits["test"], encoding)))
+        rows = response_rows(splits["test"], params.responses(model, splits["test"], encoding))
+        with replaced_dir(INSTRUCT_MODEL) as staged:  # written only once everything is computed
+            save_model(model, staged, extra=provenance(STAGE, done))
+        write_json(RESPONSES, rows)
         tracker.log_artifact(RESPONSES, "reports")
         tokens = sum(min(len(ex.ids), limit) for ex in kept["train"])
         tracker.log_metrics({**done, "wall_seconds": time.perf_counter() - started, "tokens_per_epoch": tokens})

@@ -18,7 +18,7 @@ import torch
 
 from llm.data.windows import TokenWindows
 from llm.distributed import distributed_env
-from llm.io import read_json
+from llm.io import read_json, replaced_dir
 from llm.model_dir import provenance, save_model
 from llm.pretraining import ModelInit, PretrainConfig, run_summary
 from llm.training import train
@@ -63,7 +63,8 @@ def main() -> None:
         tracker.log_dict({**described, "data": meta}, "config.json")
         result = train(model, batches, stage.train, checkpoint_dir=checkpoints, tracker=tracker, **hooks)
         done = run_summary(result, train_set.n_tokens, model.num_parameters())
-        save_model(model, BASE_MODEL, extra=provenance("pretrain", done))
+        with replaced_dir(BASE_MODEL) as staged:  # models/base changes only whole, and only on success
+            save_model(model, staged, extra=provenance("pretrain", done))
         tracker.log_metrics({**done, "wall_seconds": time.perf_counter() - started})
     shown = ("loss", "val_loss", "val_ppl", "avg_tokens_per_s", "wall_seconds")
     summary("pretrain", {k: tracker.latest[k] for k in shown if k in tracker.latest}, BASE_MODEL)
