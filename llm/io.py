@@ -83,6 +83,10 @@ def replaced_dir(path: PathLike) -> Iterator[Path]:
     tmp = temporary_dir(target.parent, f".{target.name}.")
     try:
         yield tmp
+        for written in tmp.rglob("*"):
+            if written.is_file():
+                with open(written, "rb") as f:
+                    os.fsync(f.fileno())
         if target.exists():
             os.replace(target, previous)
         os.replace(tmp, target)
@@ -167,9 +171,26 @@ def read_json(path: PathLike, *, missing: str = "") -> dict[str, Any]:
         data = json.loads(read_utf8(path, missing=missing))
     except json.JSONDecodeError as err:
         raise LLMError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:  # json's parser recurses once per nesting level
+        raise LLMError(f"{path} is not valid JSON: nested too deeply") from err
     if not isinstance(data, dict):
         raise LLMError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_destination(out: PathLike, source: PathLike | None = None, *, force: bool = False) -> None:
+    """Refuse to write a directory `out` that holds files (unless `force`), or that is, or lies inside, the directory
+    `source` it is made from (even with `force`: that would rewrite the source while reading it). Paths are
+    compared resolved (symlinks, `..`)."""
+    target = Path(out).resolve()
+    if source is not None and Path(source).exists():
+        origin = Path(source).resolve()
+        if target == origin or target.is_relative_to(origin):
+            raise LLMError(f"{out} is (inside) the source {source}: write to another directory")
+    if target.exists() and not target.is_dir():
+        raise LLMError(f"{out} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise LLMError(f"{out} is not empty: choose an empty or new directory, or pass --force to write into it")
 
 
 def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
