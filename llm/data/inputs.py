@@ -185,7 +185,7 @@ def _table_documents(
             row += 1
             where = f"{path}:{row}"
             if value is None:
-                raise LLMError(f"{where}: {column!r} is missing (null) in row {row}")
+                raise LLMError(f"{where}: {column!r} is missing (null)")
             text = decode_text(value, where, allow_replacement=allow_replacement) if binary else value
             yield Document(f"{source}:{row}", _text_value(text, where, column), len(text))
 
@@ -199,15 +199,15 @@ def _dataset_documents(item: CorpusInput) -> Iterator[Document]:
     local = item.local_root
     try:
         data = datasets.load_from_disk(str(local)) if local else datasets.load_dataset(item.name, streaming=True)
-        if isinstance(data, datasets.DatasetDict | datasets.IterableDatasetDict):
-            data = data[item.split]
-    except KeyError:
-        raise LLMError(f"hf_dataset {item.name}: no split {item.split!r}; splits: {', '.join(data)}") from None
     except Exception as err:  # datasets raises many kinds (offline, missing, bad format): one line says which
         hint = "" if local else "; offline? save it with save_to_disk() and set hf_dataset to that folder"
         raise LLMError(f"hf_dataset {item.name}: cannot load ({type(err).__name__}: {err}){hint}") from None
-    names = list(data.column_names or [])
-    if item.text_column not in names:
+    if isinstance(data, datasets.DatasetDict | datasets.IterableDatasetDict):
+        if item.split not in data:
+            raise LLMError(f"hf_dataset {item.name}: no split {item.split!r}; splits: {', '.join(data)}")
+        data = data[item.split]
+    names = list(data.column_names or [])  # empty when a streamed dataset does not declare its columns
+    if names and item.text_column not in names:
         columns = ", ".join(names)
         raise LLMError(f"hf_dataset {item.name}: no column {item.text_column!r} (set text_column); columns: {columns}")
     rows = data.select_columns([item.text_column]).iter(batch_size=TABLE_BATCH_ROWS)
