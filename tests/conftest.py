@@ -18,3 +18,37 @@ def mirror() -> Path:
     if path is None:
         pytest.fail("data mirror not found: expected ../shared/data beside the checkout or $LLM_DATA_MIRROR")
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, its schema created once per session (~6 s); a test copies it to use it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random models as the training stages write them: models/base, models/classifier (LoRA adapter and head
+    on that base, labels ham/spam) and models/instruct, over the full GPT-2 vocabulary (any text encodes)."""
+    from llm.checkpoint import load_model, save_model
+    from llm.classifier import ClassifierConfig, GPTClassifier, save_classifier
+    from llm.config import GPTConfig
+    from llm.model import GPT
+
+    root = tmp_path_factory.mktemp("stage-models") / "models"
+    dirs = {kind: root / kind for kind in ("base", "classifier", "instruct")}
+    torch.manual_seed(0)
+    for kind in ("base", "instruct"):
+        save_model(GPT(GPTConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1)), dirs[kind])
+    classifier = GPTClassifier(load_model(dirs["base"]), ClassifierConfig(max_length=16))
+    classifier.apply_method()
+    with torch.no_grad():
+        for parameter in classifier.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.5)  # as training would change them
+    save_classifier(classifier, dirs["classifier"], dirs["base"])
+    return dirs
