@@ -80,9 +80,7 @@ def test_classifier_is_logged_registered_tagged_and_predicts_by_name(
     assert flavor["model_code_path"].endswith("model.py") and "python_model" not in flavor
 
 
-def test_instruct_and_base_models_generate_with_params(
-    store: str, model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_instruct_and_base_models_generate_with_params(store: str, model_dirs: dict[str, Path], tmp_path: Path) -> None:
     import mlflow
 
     defaults = GenerationConfig(max_new_tokens=5, temperature=0.0)
