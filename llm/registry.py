@@ -16,6 +16,7 @@ MLflow and DVC are imported only inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -90,6 +91,7 @@ def log_model(
         import pandas as pd
 
         mlflow.set_tracking_uri(tracker.uri)
+        mlflow.set_experiment(experiment_id=tracker.experiment_id)  # the logged model's: artifacts beside the store
         client = mlflow.MlflowClient(tracker.uri)
         run_tags = client.get_run(tracker.run_id).data.tags
         tags = {
@@ -202,7 +204,8 @@ def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score:
 def resolve_model(ref: str) -> str:
     """`ref` itself, unless it is a `models:/<name>/<version>` or `models:/<name>@<alias>` URI: then the local
     model directory of that version, downloaded once per version to the cache (`$LLM_MODEL_CACHE`, default
-    `~/.cache/llm/models`). A classifier's base model lies beside it, where its classifier.json points."""
+    `~/.cache/llm/models`, one `<name>-<version>-<digest of its artifact location>` directory per version). A
+    classifier's base model lies beside it, where its classifier.json points."""
     if not ref.startswith(SCHEME):
         return ref
     from mlflow import MlflowClient
@@ -216,13 +219,13 @@ def resolve_model(ref: str) -> str:
         name, _, alias = name.rpartition("/")
     try:
         version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
-        cached = _cache_dir() / (version.model_id or f"{name}-{version.version}")
+        source = client.get_model_version_download_uri(name, version.version)
+        cached = _cache_dir() / f"{name}-{version.version}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
         if not (cached / "MLmodel").is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-") as tmp:
-                source = client.get_model_version_download_uri(name, version.version)
-                with contextlib.suppress(OSError):  # another process may have cached it meanwhile
-                    os.rename(download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri), cached)
+            tmp = tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-")
+            with tmp, contextlib.suppress(OSError):  # the rename fails if another process cached it meanwhile
+                os.rename(download_artifacts(artifact_uri=source, dst_path=tmp.name, tracking_uri=uri), cached)
     except MlflowException as err:
         raise LLMError(f"cannot resolve {ref} in the MLflow store {uri}: {err.message.splitlines()[0]}") from err
     return str(cached / _artifact_path(cached, "model"))

@@ -62,6 +62,8 @@ def test_classifier_is_logged_registered_tagged_and_predicts_by_name(
     assert version.run_id == run_id
     assert version.tags["dvc.exp_name"] == "exp-1" and version.tags["dvc.stage"] == "finetune_classifier"
     assert {"git.commit", "git.dirty"} <= version.tags.keys()
+    location = client.get_model_version_download_uri("llm-classifier", "1")  # in the run's experiment, beside the store
+    assert location.startswith(f"{(tmp_path / 'mlartifacts').resolve().as_uri()}/models/m-")
     assert not any(key.startswith("dvc.deps.") for key in version.tags)  # no dvc.yaml in tmp_path
 
     model = mlflow.pyfunc.load_model("models:/llm-classifier/1")
@@ -221,5 +223,8 @@ def test_model_logged_in_a_temp_experiment_survives_and_carries_the_lock_md5s(
     assert version.tags["dvc.exp_name"] == "exp-temp"
     assert version.tags["git.commit"] == run("git", "rev-parse", "HEAD").strip()
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("tmp*"))  # the temporary copy is gone, the model is not
+    location = mlflow.MlflowClient(uri).get_model_version_download_uri("llm-classifier", "1")
+    assert location.startswith((repo / "mlartifacts").resolve().as_uri() + "/")
+    assert (repo / "mlartifacts").is_dir() and not (repo / "mlruns").exists()
     mlflow.set_tracking_uri(uri)
     assert len(mlflow.pyfunc.load_model("models:/llm-classifier/1").predict(pd.DataFrame({"text": TEXTS}))) == 3
