@@ -45,6 +45,8 @@ EXAMPLES: dict[str, dict[str, list[str]]] = {
     "classifier": {"text": ["Free entry! Text WIN to claim your prize", "See you at lunch?"]},
     "instruct": {"instruction": ["Rewrite the sentence in passive voice."], "input": ["The cat chased the mouse."]},
 }
+# MLflow predicts the example once when logging (a check that the logged model works): a few tokens suffice
+EXAMPLE_PARAMS = {"max_new_tokens": 8}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def log_model(
         mlflow.set_experiment(experiment_id=tracker.experiment_id)  # the logged model's: artifacts beside the store
         client = mlflow.MlflowClient(tracker.uri)
         run_tags = client.get_run(tracker.run_id).data.tags
+        example = pd.DataFrame(EXAMPLES[kind])
         tags = {
             "git.commit": run_tags.get("mlflow.source.git.commit", ""),
             "git.dirty": run_tags.get("git.dirty", ""),
@@ -109,11 +112,13 @@ def log_model(
             artifacts=artifacts,
             model_config={"kind": kind},
             signature=signature(kind, generation),
-            input_example=pd.DataFrame(EXAMPLES[kind]),
+            input_example=example if kind == "classifier" else (example, EXAMPLE_PARAMS),
             pip_requirements=_requirements(),  # given, so MLflow does not load the model to infer them
             registered_model_name=name,
             tags=tags,
         )
+    except LLMError:  # `Interrupted` (SIGTERM) among them: the stage stops
+        raise
     except Exception as err:
         print(f"warning: model not logged to MLflow ({type(err).__name__}: {str(err)[:300]})", file=sys.stderr)
         return None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from llm.paths import find_mirror
+from llm.registry import CACHE_ENV
+from llm.tracking import PARENT_RUN_ENV
 
 torch.set_num_threads(2)
 
@@ -21,13 +24,26 @@ def mirror() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow SQLite store, its schema created once per session (~6 s); a test copies it to use it."""
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store with its schema created once (that takes ~6 s); tests copy it."""
     from mlflow import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture
+def store(migrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh store for one test, in MLFLOW_TRACKING_URI; git and DVC experiment context of a real run; an empty
+    cache of downloaded models."""
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lr3")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    return uri
 
 
 @pytest.fixture(scope="session")

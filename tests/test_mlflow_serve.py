@@ -30,10 +30,10 @@ STARTUP_SECONDS = 240  # the server imports MLflow and torch and loads the model
 
 
 @pytest.fixture(scope="module")
-def env(mlflow_template: Path, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(migrated_store: Path, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a process that sees a store whose llm-classifier champion is a tiny classifier."""
     root = tmp_path_factory.mktemp("serve")
-    shutil.copy(mlflow_template, root / "mlflow.db")
+    shutil.copy(migrated_store, root / "mlflow.db")
     variables = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "LLM_MODEL_CACHE": str(root / "cache")}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in variables.items():

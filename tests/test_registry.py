@@ -22,22 +22,10 @@ from llm.data.instructions import Instruction, respond
 from llm.generate import GenerationConfig, generate
 from llm.registry import RegistryParams, log_model, resolve_model, update_champion
 from llm.tokenizer import EOT_ID, get_tokenizer
-from llm.tracking import PARENT_RUN_ENV, Tracker
+from llm.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["WINNER!! Claim your free prize now", "Are we still on for lunch?", "ok"]
-
-
-@pytest.fixture
-def store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh store for one test, in MLFLOW_TRACKING_URI, with an empty model cache; a DVC experiment's context."""
-    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
-    monkeypatch.setenv("LLM_MODEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    return uri
 
 
 def logged(kind: str, model_dirs: dict[str, Path], root: Path, registry: RegistryParams | None = None, **kw) -> str:
@@ -60,7 +48,7 @@ def test_classifier_is_logged_registered_tagged_and_predicts_by_name(
     version = client.get_model_version("llm-classifier", "1")
     run_id = json.loads((tmp_path / "runs" / "finetune_classifier.json").read_text())["run_id"]
     assert version.run_id == run_id
-    assert version.tags["dvc.exp_name"] == "exp-1" and version.tags["dvc.stage"] == "finetune_classifier"
+    assert version.tags["dvc.exp_name"] == "exp-lr3" and version.tags["dvc.stage"] == "finetune_classifier"
     assert {"git.commit", "git.dirty"} <= version.tags.keys()
     location = client.get_model_version_download_uri("llm-classifier", "1")  # in the run's experiment, beside the store
     assert location.startswith(f"{(tmp_path / 'mlartifacts').resolve().as_uri()}/models/m-")
@@ -97,6 +85,8 @@ def test_instruct_and_base_models_generate_with_params(store: str, model_dirs: d
     assert list(instruct.predict(frame)["response"]) == respond(net, entries, tokenizer, defaults, progress=False)
     shorter = respond(net, entries, tokenizer, GenerationConfig(max_new_tokens=2, temperature=0.0), progress=False)
     assert list(instruct.predict(frame, params={"max_new_tokens": 2})["response"]) == shorter
+    without_input = instruct.predict(pd.DataFrame({"instruction": ["Name a colour."]}))  # `input` is optional
+    assert list(without_input["response"]) == respond(net, entries[:1], tokenizer, defaults, progress=False)
     params = {p.name: p.default for p in instruct.metadata.get_params_schema().params}
     assert params == {"max_new_tokens": 5, "temperature": 0.0, "top_k": None, "top_p": None, "seed": None}
 
@@ -180,7 +170,7 @@ def test_cli_takes_models_uris(
 
 
 def test_model_logged_in_a_temp_experiment_survives_and_carries_the_lock_md5s(
-    mlflow_template: Path, model_dirs: dict[str, Path], tmp_path: Path
+    migrated_store: Path, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(model_dirs["base"].parent, repo / "models")
@@ -194,7 +184,7 @@ def test_model_logged_in_a_temp_experiment_survives_and_carries_the_lock_md5s(
     stage = {"cmd": f"{sys.executable} stage.py", "deps": deps, "outs": [{"runs": {"cache": False}}]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune_classifier": stage}}))
     (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
-    shutil.copy(mlflow_template, repo / "mlflow.db")  # the default store: <repo>/mlflow.db, absolute
+    shutil.copy(migrated_store, repo / "mlflow.db")  # the default store: <repo>/mlflow.db, absolute
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "LLM_MLFLOW"))}
     env |= {"PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site")}
     env |= {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t"}
