@@ -172,11 +172,12 @@ def stage_deps_md5(stage: str, root: str | os.PathLike[str] = ".") -> dict[str, 
 def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score: float) -> dict[str, float] | None:
     """Record `score` (higher is better) as tag `score.<metric>` of the version of `name` that `stage`'s run
     (runs/<stage>.json) registered, and move the alias `champion` to it when it beats the champion's recorded
-    score, or when there is no champion yet; a tie or a lower score leaves the alias alone.
+    score, or when there is no champion yet; a tie, a lower score or a champion without a recorded score (an
+    alias set by hand) leaves the alias alone.
 
     Returns the comparison for the scoreboard (numbers only): version, score, champion_version and
     champion_score (the champion before this call, when there was one) and promoted (1 or 0). None when the
-    tracker has no MLflow run or `stage` registered no version of `name`.
+    tracker has no MLflow run, `stage` registered no version of `name`, or MLflow fails (a warning).
     """
     if tracker.run_id is None:
         return None
@@ -184,26 +185,31 @@ def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score:
         run_id = json.loads((tracker.root / "runs" / f"{stage}.json").read_text(encoding="utf-8"))["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    from mlflow import MlflowClient
+    try:
+        from mlflow import MlflowClient
 
-    client = MlflowClient(tracker.uri, registry_uri=tracker.uri)
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not found:
+        client = MlflowClient(tracker.uri, registry_uri=tracker.uri)
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if not found:
+            return None
+        version = max(found, key=lambda v: int(v.version))
+        client.set_model_version_tag(name, version.version, f"score.{metric}", str(score))
+        comparison: dict[str, float] = {"version": int(version.version), "score": score}
+        champion = _champion(client, name)
+        if champion is not None:
+            comparison["champion_version"] = int(champion.version)
+            if (recorded := champion.tags.get(f"score.{metric}")) is not None:
+                comparison["champion_score"] = float(recorded)
+        beats = champion is None or ("champion_score" in comparison and score > comparison["champion_score"])
+        promoted = beats and (champion is None or champion.version != version.version)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+    except LLMError:  # `Interrupted` (SIGTERM) among them: the stage stops
+        raise
+    except Exception as err:
+        print(f"warning: champion of {name} not updated ({type(err).__name__}: {str(err)[:300]})", file=sys.stderr)
         return None
-    version = max(found, key=lambda v: int(v.version))
-    client.set_model_version_tag(name, version.version, f"score.{metric}", str(score))
-    comparison: dict[str, float] = {"version": int(version.version), "score": score}
-    champion = _champion(client, name)
-    if champion is not None:
-        comparison["champion_version"] = int(champion.version)
-        if (recorded := champion.tags.get(f"score.{metric}")) is not None:
-            comparison["champion_score"] = float(recorded)
-    beats = champion is None or ("champion_score" in comparison and score > comparison["champion_score"])
-    promoted = beats and (champion is None or champion.version != version.version)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    comparison["promoted"] = int(promoted)
-    return comparison
+    return comparison | {"promoted": int(promoted)}
 
 
 def resolve_model(ref: str) -> str:
