@@ -70,12 +70,15 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MODEL_URI = "a registered model, models:/NAME/VERSION or models:/NAME@ALIAS"
 COMPILE_HELP = "torch.compile the decoding steps: a slower start (compiling on first use), then faster tokens"
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     unset = argparse.SUPPRESS  # omitted options keep GenerationConfig's defaults
-    parser.add_argument("--model", required=True, help="our model directory, an HF GPT-2 directory, or gpt2..gpt2-xl")
+    parser.add_argument(
+        "--model", required=True, help=f"our model directory, an HF GPT-2 directory, gpt2..gpt2-xl, or {MODEL_URI}"
+    )
     parser.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
     parser.add_argument("--max-new-tokens", type=int, default=unset, help="tokens to generate (default 50)")
     parser.add_argument("--temperature", type=float, default=unset, help="0 = greedy (default 1.0)")
@@ -94,12 +97,13 @@ def generate_command(args: argparse.Namespace) -> None:
     from llm.device import resolve_device
     from llm.generate import FINISHED, GenerationConfig, decode_stream, stream
     from llm.hf import load_any
+    from llm.registry import resolve_model
     from llm.tokenizer import EOT_ID, get_tokenizer
 
     fields = {field.name for field in dataclasses.fields(GenerationConfig)}
     settings = GenerationConfig(**{key: value for key, value in vars(args).items() if key in fields})
     tokenizer = get_tokenizer()
-    model = load_any(args.model, device=resolve_device(args.device))
+    model = load_any(resolve_model(args.model), device=resolve_device(args.device))
     has_eot = model.config.vocab_size > EOT_ID
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [EOT_ID]
     tokens = (int(step[0]) for step in stream(model, [prompt], settings, eos_id=EOT_ID if has_eot else None))
@@ -129,7 +133,7 @@ def import_hf_command(args: argparse.Namespace) -> None:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="our model directory")
+    parser.add_argument("model_dir", help=f"our model directory or {MODEL_URI}")
     parser.add_argument("out", help="directory to write for transformers.GPT2LMHeadModel.from_pretrained")
     parser.add_argument("--force", action="store_true", help="write into OUT even when it holds files")
 
@@ -139,9 +143,10 @@ def export_hf_command(args: argparse.Namespace) -> None:
     from llm.hf import export_hf
     from llm.io import check_destination
     from llm.model_dir import load_model
+    from llm.registry import resolve_model
 
     check_destination(args.out, args.model_dir, force=args.force)
-    model = load_model(args.model_dir)
+    model = load_model(resolve_model(args.model_dir))
     export_hf(model, args.out)
     print(f"wrote {args.out}: {model.num_parameters():,} parameters in the Hugging Face GPT-2 layout")
 
@@ -149,7 +154,9 @@ def export_hf_command(args: argparse.Namespace) -> None:
 def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("instruction", nargs="?", help="what the model should do (omit with --chat)")
     parser.add_argument("--input", default="", help="optional input the instruction refers to")
-    parser.add_argument("--model", default="models/instruct", help="model directory (default: models/instruct)")
+    parser.add_argument(
+        "--model", default="models/instruct", help=f"model directory or {MODEL_URI} (default: models/instruct)"
+    )
     parser.add_argument("--chat", action="store_true", help="a conversation: user messages from stdin, one a line")
     parser.add_argument("--system", default=None, help="with --chat: a system prompt (replaces the Alpaca preamble)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="longest response in tokens (default 100)")
@@ -167,12 +174,13 @@ def instruct_command(args: argparse.Namespace) -> None:
     from llm.device import resolve_device
     from llm.generate import GenerationConfig
     from llm.hf import load_any
+    from llm.registry import resolve_model
     from llm.tokenizer import get_tokenizer
 
     if (args.instruction is None) != args.chat or (args.system is not None and not args.chat):
         raise LLMError("give an INSTRUCTION, or --chat (optionally with --system) for a conversation")
     settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, seed=args.seed, compile=args.compile)
-    model, tokenizer = load_any(args.model, device=resolve_device(args.device)), get_tokenizer()
+    model, tokenizer = load_any(resolve_model(args.model), device=resolve_device(args.device)), get_tokenizer()
     if not args.chat:
         print(respond(model, [Instruction(args.instruction, args.input, "")], tokenizer, settings, progress=False)[0])
         return
@@ -207,8 +215,14 @@ def _read_turn(interactive: bool) -> str:
 
 def _classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (none: read lines from stdin)")
-    parser.add_argument("--model", default="models/classifier", help="classifier directory (default models/classifier)")
-    parser.add_argument("--base", default=None, help="base model of an adapter (default: the path it recorded)")
+    parser.add_argument(
+        "--model", default="models/classifier", help=f"classifier directory or {MODEL_URI} (default models/classifier)"
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="base model of an adapter, a directory or models:/ URI (default: the path it recorded)",
+    )
     parser.add_argument("--file", default=None, help="read texts from a UTF-8 file, one per line (blank lines skipped)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     _device_argument(parser)
@@ -219,6 +233,7 @@ def classify_command(args: argparse.Namespace) -> None:
     from llm.classifier import classify, load_classifier
     from llm.device import resolve_device
     from llm.io import read_utf8
+    from llm.registry import resolve_model
     from llm.tokenizer import get_tokenizer
 
     if args.texts and args.file:
@@ -240,7 +255,8 @@ def classify_command(args: argparse.Namespace) -> None:
         texts = [line for line in raw.splitlines() if line.strip()]
         if not texts:
             raise LLMError(f"no texts to classify in {args.file or 'stdin'}")
-    model = load_classifier(args.model, base=args.base, device=resolve_device(args.device))
+    base = args.base and resolve_model(args.base)
+    model = load_classifier(resolve_model(args.model), base=base, device=resolve_device(args.device))
     for label, probability in classify(model, texts, get_tokenizer(), batch_size=args.batch_size):
         print(f"{label}\t{probability:.4f}")
 

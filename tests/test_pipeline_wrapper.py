@@ -42,16 +42,6 @@ sys.exit(int(os.environ["FAKE_DVC_EXIT"]))
 """
 
 
-@pytest.fixture(scope="module")
-def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its schema created once (~6 s); each test gets a copy."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow") / "template.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def fake_dvc(migrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copy(migrated_store, tmp_path / "mlflow.db")

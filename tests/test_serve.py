@@ -219,9 +219,9 @@ def test_engine_decodes_joining_requests_as_generate_does() -> None:
     assert results[5][0] == reference(model, "Seeded", 12, temperature=1.0, top_p=0.9, seed=7)
 
 
-def test_model_kinds_and_uris(models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_kinds_and_uris(models: dict[str, Path], store: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert [model_kind(models[k]) for k in ("instruct", "base", "classifier")] == ["instruct", "base", "classifier"]
-    with pytest.raises(LLMError, match="only model directories"):
+    with pytest.raises(LLMError, match="cannot resolve models:/instruct/1"):  # no such registered model
         load_served("models:/instruct/1")
     assert main(["serve", "--model", "models:/instruct/1"]) == 1
     assert capsys.readouterr().err.strip().count("\n") == 0

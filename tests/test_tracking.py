@@ -23,27 +23,6 @@ from llm.paths import repo_root
 from llm.tracking import PARENT_RUN_ENV, PROCESS_TAG, Tracker, process_id, tracking_uri
 
 
-@pytest.fixture(scope="module")
-def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow SQLite store with its schema created once (that takes ~6 s); tests copy it."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow") / "template.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(migrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh store for one test, in MLFLOW_TRACKING_URI; git and DVC experiment context of a real run."""
-    shutil.copy(migrated_store, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-lr3")
-    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    return uri
-
-
 def runs(uri: str) -> pd.DataFrame:
     """Every run in the store, as `mlflow.search_runs` reports them."""
     import mlflow

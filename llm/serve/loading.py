@@ -1,4 +1,4 @@
-"""What `llm serve` serves: a model and its kind, read from a model directory.
+"""What `llm serve` serves: a model and its kind, read from a model directory or a registered model's URI.
 
 kind: `classifier` (a directory holding classifier.json, as `finetune_classifier` writes, served on
 /v1/classifications), `instruct` (config.json written by the `finetune_instructions` stage: chat and
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from llm.classifier import META_FILE, load_classifier
-from llm.errors import LLMError
 from llm.hf import load_any
 from llm.io import read_json
 from llm.model_dir import CONFIG_FILE
+from llm.registry import resolve_model
 
 Kind = Literal["base", "instruct", "classifier"]
 INSTRUCT_STAGE = "finetune_instructions"  # the stage whose models answer Alpaca prompts
@@ -48,10 +48,10 @@ def model_kind(directory: Path) -> Kind:
 
 
 def load_served(source: str, *, name: str | None = None, device: torch.device | str = "cpu") -> ServedModel:
-    """The model at `source` (a model directory, or a GPT-2 hub name), named `name` (default: the directory's)."""
-    if "://" in source or source.startswith("models:/"):  # MLflow model URIs: one more branch here
-        raise LLMError(f"cannot serve {source}: only model directories are supported for now (not URIs)")
-    path = Path(source)
+    """The model at `source` (a model directory, a GPT-2 hub name or a `models:/` URI), named `name` (default: the
+    directory's name, or the URI)."""
+    path = Path(resolve_model(source))
     kind = model_kind(path) if path.is_dir() else "base"
-    model = load_classifier(path, device=device) if kind == "classifier" else load_any(source, device=device)
-    return ServedModel(name or path.name or source, kind, model)
+    model = load_classifier(path, device=device) if kind == "classifier" else load_any(str(path), device=device)
+    default = source if source.startswith("models:/") else path.name or source
+    return ServedModel(name or default, kind, model)
