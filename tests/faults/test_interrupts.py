@@ -1,7 +1,7 @@
 """Every stage of dvc.yaml, interrupted at random points by SIGKILL (twice) and SIGTERM, then `dvc repro` again.
 
 Each interruption hits a fresh or a resumed run of the stage (the previous one was interrupted too). After each:
-no output under data/, models/, metrics/, reports/ or plots/ is half-written (every file there equals the one
+no output under data/, models/, metrics/, reports/ or plots/ is lost or half-written (every file there equals the one
 of the uninterrupted run, compared bitwise except wall times, throughput and run ids), so `dvc status` cannot
 call an incomplete output complete; a SIGTERM stops the stage cleanly (no traceback) and leaves no MLflow run
 RUNNING. Finally `dvc repro <stage>` completes (resuming where the last run stopped), leaves no temporary files,
@@ -69,10 +69,12 @@ def interrupt(pipeline: Pipeline, stage: str, signum: int, share: tuple[float, f
 
 
 def check_interrupted(pipeline: Pipeline, stage: str, run: Run, since_ms: int) -> None:
-    """What an interruption may leave: fewer outputs, never a half-written one, and no MLflow run RUNNING."""
+    """What an interruption may leave: every output of the last good run (nothing lost: the outs are `persist`),
+    none half-written, and no MLflow run RUNNING."""
     if run.signalled:
         assert run.returncode != 0, f"dvc reported success after the stage was killed:\n{run.stdout}"
     outputs = pipeline.outputs()
+    assert outputs.keys() == pipeline.reference.keys(), sorted(outputs.keys() ^ pipeline.reference.keys())
     wrong = differences(outputs, pipeline.reference)
     assert wrong == [], f"incomplete outputs visible after {stage} was interrupted: {wrong}\n{run.stderr[-2000:]}"
     if pipeline.status(stage) == {}:  # DVC says the stage is complete: then its outputs must all be there
