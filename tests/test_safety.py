@@ -24,7 +24,7 @@ from llm.config import GPTConfig
 from llm.data.sources import Source, fetch_source
 from llm.errors import LLMError
 from llm.hf import export_hf
-from llm.io import atomic_path, write_json
+from llm.io import atomic_path, replaced_dir, write_json
 from llm.model import GPT
 from llm.model_dir import save_model
 
@@ -53,9 +53,12 @@ def test_outputs_follow_the_umask(tmp_path: Path, umask_022: None) -> None:
     write_json(tmp_path / "metrics" / "m.json", {"a": 1})
     save_model(tiny_model(), tmp_path / "models" / "base")
     step = save_checkpoint(tmp_path / "checkpoints", tiny_model(), {"step": 3}, best={})
+    with replaced_dir(tmp_path / "reports") as staged:
+        write_json(staged / "r.json", {})
     files = [tmp_path / "metrics" / "m.json", *(tmp_path / "models" / "base").iterdir(), *step.iterdir()]
+    files.append(tmp_path / "reports" / "r.json")
     assert {f.name: mode(f) for f in files} == {f.name: 0o644 for f in files}
-    for directory in (tmp_path / "metrics", tmp_path / "models" / "base", step):
+    for directory in (tmp_path / "metrics", tmp_path / "models" / "base", step, tmp_path / "reports"):
         assert mode(directory) == 0o755, directory
     os.umask(0o077)
     write_json(tmp_path / "private.json", {})
