@@ -35,32 +35,23 @@ CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, ne
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key written twice in one mapping is an error (not the last one wins)."""
+    """YAML's safe loader, except that a key written twice in one mapping is an error (not: the last one wins)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-            if not isinstance(key, Hashable):
-                continue  # the base loader names an unhashable key itself
-            if key in lines:
-                line = key_node.start_mark.line + 1
-                raise LLMError(f"{self.name}: key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
-            lines[key] = key_node.start_mark.line + 1
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and lines.setdefault(key, line) != line:
+                problem = f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The params file's sections; one outside SECTIONS, an empty one or a key written twice is an error (a typo
     never silently means defaults, nor another value)."""
-    text = read_utf8(path, missing=": run stages from the repository root")
     try:
-        loader = _UniqueKeyLoader(text)
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
+        data = yaml.load(read_utf8(path, missing=": run stages from the repository root"), _UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -119,18 +110,14 @@ def summary(stage: str, values: Mapping[str, float], *outs: Path) -> None:
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's `main`; an LLMError or an interrupt becomes one line on stderr and exit status 1 (no
-    traceback). Once `main` ends, SIGINT and SIGTERM get their default actions back: one that arrives while the
-    interpreter shuts down ends the process by that signal, never as a traceback from an exit handler with
-    status 0 (a handler raising `Interrupted` must not outlive the stage)."""
+    traceback). Then SIGINT and SIGTERM get their default actions back: one arriving during exit kills the
+    process (a handler raising `Interrupted` there would print a traceback from an exit hook, with status 0)."""
     try:
         try:
             main()
         finally:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-    except KeyboardInterrupt:  # a SIGINT outside the blocks that handle it (e.g. while loading)
-        print("error: stopped by SIGINT", file=sys.stderr)
-        sys.exit(1)
-    except LLMError as err:  # llm.errors.Interrupted included
-        print(f"error: {err}", file=sys.stderr)
+    except (LLMError, KeyboardInterrupt) as err:  # llm.errors.Interrupted included; a stray Ctrl-C has no words
+        print(f"error: {str(err) or 'stopped by SIGINT'}", file=sys.stderr)
         sys.exit(1)

@@ -134,7 +134,7 @@ def test_the_next_successful_run_replaces_the_outputs_whole(
 def test_a_key_written_twice_is_one_error_naming_both_lines(tmp_path: Path) -> None:
     file = tmp_path / "params.yaml"
     file.write_text("pretrain:\n  train:\n    lr: 0.002\n    batch_size: 8\n    lr: 0.02\n", encoding="utf-8")
-    with pytest.raises(LLMError, match=r"^.*params.yaml: key 'lr' is written twice \(lines 3 and 5\); keep one$"):
+    with pytest.raises(LLMError, match=r"at line 5, column 5: key 'lr' is written twice \(lines 3 and 5\); keep one$"):
         load_params(file)
 
 
