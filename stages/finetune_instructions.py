@@ -48,8 +48,7 @@ def main() -> None:
     params.add_adapters(model)
     trainable, base_sha = parameter_report(model)["trainable"], sha256_file(BASE_MODEL / WEIGHTS_FILE)
     logged = {STAGE: dataclasses.asdict(params), "base_weights_sha256": base_sha, "trainable_params": trainable}
-    logged["data"] = {"sha256": sha256_file(params.data.path), "ignored_keys": dict(data.ignored_keys),
-                      "skipped_entries": len(data.skipped)}  # fmt: skip
+    logged["data"] = {"sha256": sha256_file(params.data.path), **data.counts()}
     checkpoints = checkpoint_dir(STAGE, base_sha, logged[STAGE], logged["data"]["sha256"])
     evaluate, logged["examples"] = params.evaluator(kept["val"], limit), {k: len(v) for k, v in splits.items()}
     logged["examples_skipped"] = {name: len(splits[name]) - len(examples) for name, examples in kept.items()}

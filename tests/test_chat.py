@@ -95,6 +95,7 @@ def test_jsonl_alpaca_with_extra_keys_and_chat_entries(tmp_path: Path) -> None:
     assert [e.instruction for e in found.entries] == ["Name a colour.", "Grass colour?", "Grass colour?"]
     assert found.ignored_keys == {"id": 2, "source": 1} and not found.skipped
     assert "ignored keys {'id': 2, 'source': 1}" in found.report()
+    assert found.counts() == {"ignored_keys": "id: 2, source: 1", "skipped_entries": 0}
     array = tmp_path / "array.json"
     array.write_text(json.dumps([alpaca, CHAT]), encoding="utf-8")
     assert read_instruction_set(InstructionData(str(array))).entries == found.entries[:2]

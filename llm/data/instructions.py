@@ -72,6 +72,11 @@ class InstructionSet:
     ignored_keys: Counter[str] = field(default_factory=Counter)
     skipped: list[str] = field(default_factory=list)
 
+    def counts(self) -> dict[str, str | int]:
+        """What was left out, as run params: "key: entries, ..." of the ignored keys, and the skipped entries."""
+        ignored = ", ".join(f"{key}: {n}" for key, n in self.ignored_keys.most_common())
+        return {"ignored_keys": ignored, "skipped_entries": len(self.skipped)}
+
     def report(self) -> str:
         """One line of what was left out, or "" when nothing was."""
         notes = [f"ignored keys {dict(self.ignored_keys)} (entries per key)"] if self.ignored_keys else []
