@@ -50,10 +50,10 @@ def store(migrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random models as the training stages write them: models/base, models/classifier (LoRA adapter and head
     on that base, labels ham/spam) and models/instruct, over the full GPT-2 vocabulary (any text encodes)."""
-    from llm.checkpoint import load_model, save_model
     from llm.classifier import ClassifierConfig, GPTClassifier, save_classifier
     from llm.config import GPTConfig
     from llm.model import GPT
+    from llm.model_dir import load_model, save_model
 
     root = tmp_path_factory.mktemp("stage-models") / "models"
     dirs = {kind: root / kind for kind in ("base", "classifier", "instruct")}

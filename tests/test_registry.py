@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from llm import cli
-from llm.checkpoint import load_model
 from llm.classifier import classify, load_classifier
 from llm.data.instructions import Instruction, respond
 from llm.generate import GenerationConfig, generate
+from llm.model_dir import load_model
 from llm.registry import RegistryParams, log_model, resolve_model, update_champion
 from llm.tokenizer import EOT_ID, get_tokenizer
 from llm.tracking import Tracker
