@@ -14,6 +14,7 @@ import tiktoken
 from llm.classifier import ClassifierConfig, GPTClassifier, classification_metrics, predict_proba
 from llm.data.classification import ClassificationDataset, balance_classes, read_labeled_tsv, stratified_split
 from llm.data.windows import batch_indices
+from llm.registry import RegistryParams
 from llm.train_config import PER_EPOCH_FIELDS, TrainConfig, per_epoch
 from llm.training import Batch, TrainResult
 
@@ -44,6 +45,7 @@ class ClassifierTuningConfig:
     data: DataSplit = field(default_factory=DataSplit)
     eval_batch_size: int = 64
     export_merged: bool = False
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def datasets(self, path: Path, tokenizer: tiktoken.Encoding) -> tuple[dict[str, ClassificationDataset], int]:
         """The train / val / test datasets of the labelled TSV file `path`, and the number of bad rows skipped."""

@@ -27,6 +27,7 @@ from llm.evaluation import mean_loss
 from llm.generate import GenerationConfig
 from llm.lora import LoRAConfig, apply_lora, remove_lora
 from llm.model import GPT
+from llm.registry import RegistryParams
 from llm.train_config import TrainConfig
 from llm.training import Evaluate, TrainResult
 
@@ -40,7 +41,9 @@ class InstructConfig:
     only (every reply of a chat, not its system and user text). allowed_max_length: tokens kept per example
     (0 = the model's context_length). split_seed: the train/test/val shuffle. eval_batch_size: val examples per
     batch.
-    generation, response_batch_size: how the test responses are generated (eos is always end-of-text)."""
+    generation, response_batch_size: how the test responses are generated (eos is always end-of-text).
+    registry: models/instruct logged to the run and registered in MLflow (llm.registry; evaluate moves its
+    `champion` alias)."""
 
     data: InstructionData = field(default_factory=InstructionData)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -52,6 +55,7 @@ class InstructConfig:
     eval_batch_size: int = 16
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64, temperature=0))
     response_batch_size: int = 16
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def example_limit(self, context_length: int) -> int:
         """Tokens kept per example: `allowed_max_length`, at most the model's context (0 = the whole context)."""

@@ -17,6 +17,7 @@ from llm.errors import LLMError
 from llm.generate import generate
 from llm.hf import load_any
 from llm.model import GPT
+from llm.registry import RegistryParams
 from llm.train_config import TrainConfig
 from llm.training import Evaluate, TrainResult, loss_evaluator
 
@@ -51,7 +52,8 @@ class ModelInit:
 class PretrainConfig:
     """train: the run. nproc: processes (> 1: one per GPU or CPU core, under torchrun). eval_windows: validation
     windows per evaluation, a fixed, evenly spaced subset (0 = all). shuffle: visit the training windows in a
-    seeded random order per epoch. sample_prompt, sample_tokens: the text sample (temperature 0.8, top-k 50)."""
+    seeded random order per epoch. sample_prompt, sample_tokens: the text sample (temperature 0.8, top-k 50).
+    registry: models/base logged to the run and registered in MLflow (llm.registry)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     nproc: int = 1
@@ -59,6 +61,7 @@ class PretrainConfig:
     shuffle: bool = True
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 40
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def __post_init__(self) -> None:
         if self.nproc < 1:

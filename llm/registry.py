@@ -58,6 +58,11 @@ class RegistryParams:
     log_model: bool = True
     name: str | None = None
 
+    def log(self, tracker: Tracker, kind: Kind, model_dir: str | os.PathLike[str], **options: Any) -> str | None:
+        """`log_model(tracker, kind, model_dir, self, **options)`, for code that holds the params but does not
+        import this module (stages.common, which every stage imports, logs the training stages' models so)."""
+        return log_model(tracker, kind, model_dir, self, **options)
+
 
 def log_model(
     tracker: Tracker,

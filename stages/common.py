@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tiktoken
 import yaml
@@ -20,6 +20,10 @@ from llm.io import read_utf8
 from llm.signals import STOP_SIGNALS
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
+
+if TYPE_CHECKING:
+    from llm.generate import GenerationConfig
+    from llm.registry import Kind, RegistryParams
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
@@ -32,6 +36,9 @@ RANKS_FILE, INSTRUCTION_DATA = RAW / "tokenizer/r50k_base.tiktoken", RAW / "inst
 BASE_MODEL, INSTRUCT_MODEL = Path("models/base"), Path("models/instruct")
 RESPONSES, CLASSIFIER_METRICS = Path("reports/responses.json"), Path("metrics/finetune_classifier.json")
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, never a DVC out (DVC never deletes them)
+# The kind of model each training stage saves, as llm.registry logs and registers it in MLflow.
+MODEL_KINDS: dict[str, "Kind"] = {"pretrain": "base", "finetune_classifier": "classifier"}
+MODEL_KINDS["finetune_instructions"] = "instruct"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -94,11 +101,24 @@ def checkpoint_dir(stage: str, *identity: Any) -> Path:
 
 
 @contextmanager
-def tracked_run(stage: str, params: Mapping[str, Any], checkpoints: Path, *upstream: str) -> Iterator[Tracker]:
-    """The stage's tracked run, `params` logged; the body trains and saves, then `checkpoints` are deleted."""
+def tracked_run(
+    stage: str,
+    params: Mapping[str, Any],
+    checkpoints: Path,
+    *upstream: str,
+    model: Path,
+    registry: "RegistryParams",
+    generation: "GenerationConfig | None" = None,
+) -> Iterator[Tracker]:
+    """The stage's tracked run, `params` logged; the body trains and saves the model folder `model`, which is then
+    logged to the run and registered as `registry` says (llm.registry.log_model: a classifier with models/base,
+    base and instruct models with `generation` as their default), and `checkpoints` are deleted."""
     with Tracker(stage, upstream=upstream) as tracker:
         tracker.log_params(params)
         yield tracker
+        kind = MODEL_KINDS[stage]
+        base = BASE_MODEL if kind == "classifier" else None
+        registry.log(tracker, kind, model, base_dir=base, tokenizer_file=RANKS_FILE, generation=generation)
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 

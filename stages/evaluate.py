@@ -2,6 +2,7 @@
 
 Held-out perplexity of the base model, the classifier's test metrics, the instruction model's val loss, ROUGE-L F1
 of its test responses and of the base model's (generated as finetune_instructions does), an optional judge score.
+Each compared with its registered model's `champion` in MLflow: the scoreboard's `champion` section.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.classifier_tuning import ClassifierTuningConfig
 from llm.data.instructions import Instruction, read_instruction_set, read_responses, split_entries
 from llm.errors import LLMError
 from llm.evaluation import JudgeConfig, JudgeResult, Perplexity, heldout_tokens, judge, perplexity, rouge_l_f1
 from llm.instruction_tuning import InstructConfig
 from llm.io import read_json, write_json
 from llm.model_dir import load_model
+from llm.registry import DEFAULT_NAMES, update_champion
 from llm.reports import write_evaluation_report, write_rouge_csv
 from llm.tracking import Tracker, flatten
 from stages.common import (
@@ -70,9 +73,22 @@ def judged(board: dict[str, Any], test: list[Instruction], responses: list[str],
     return verdict
 
 
+def champions(tracker: Tracker, board: dict[str, Any], names: dict[str, str | None]) -> dict[str, Any]:
+    """The new classifier (by test accuracy) and instruction model (by ROUGE-L) against their registered model's
+    `champion`, which moves to the better (llm.registry.update_champion; None: no version registered)."""
+    contests = {"classifier": ("finetune_classifier", "test_accuracy", "accuracy")}
+    contests["instruct"] = ("finetune_instructions", "rouge_l", "rouge_l")
+    return {
+        kind: update_champion(tracker, names[kind] or DEFAULT_NAMES[kind], stage, metric, board[kind][score])
+        for kind, (stage, metric, score) in contests.items()
+    }
+
+
 def main() -> None:
     config = params_section("evaluate", EvaluateParams)
     tuning = params_section("finetune_instructions", InstructConfig)
+    names = {"classifier": params_section("finetune_classifier", ClassifierTuningConfig).registry.name}
+    names["instruct"] = tuning.registry.name
     encoding, base, instruct = tokenizer(), load_model(BASE_MODEL), load_model(INSTRUCT_MODEL)
     splits = split_entries(read_instruction_set(tuning.data).entries, tuning.split_seed)
     test, examples = splits["test"], {"test": len(splits["test"]), "val": len(splits["val"])}
@@ -86,6 +102,7 @@ def main() -> None:
         rouge = {n: [rouge_l_f1(r, e.output) for r, e in zip(rs, test, strict=True)] for n, rs in responses.items()}
         board = scoreboard(held, val_loss, rouge)
         verdict = judged(board, test, responses["instruct"], config.judge) if config.judge.url else None
+        board["champion"] = champions(tracker, board, names)
         tracker.log_metrics({k: v for k, v in flatten(board).items() if v is not None})
         write_rouge_csv(ROUGE_PLOT, rouge)
         shown = {"judge_model": config.judge.model, "heldout_tokens": held.n_tokens, "examples": config.examples}

@@ -54,7 +54,7 @@ def main() -> None:
     checkpoints = checkpoint_dir(STAGE, base_sha, dataclasses.asdict(params))
     logged = {**dataclasses.asdict(params), "train": dataclasses.asdict(config), "base_weights_sha256": base_sha}
     logged |= {"trainable_params": sizes["trainable"], "examples": {name: len(ds) for name, ds in data.items()}}
-    with tracked_run(STAGE, logged, checkpoints, "pretrain") as tracker:
+    with tracked_run(STAGE, logged, checkpoints, "pretrain", model=OUT_DIR, registry=params.registry) as tracker:
         evaluate = classification_evaluator(data["val"].batches(params.eval_batch_size))
         hooks = {"loss_fn": classification_loss, "evaluate": evaluate, "tracker": tracker}
         result = train(model, params.train_batches(data["train"]), config, checkpoint_dir=checkpoints, **hooks)

@@ -52,7 +52,8 @@ def main() -> None:
     checkpoints = checkpoint_dir(STAGE, base_sha, logged[STAGE], logged["data"]["sha256"])
     evaluate, logged["examples"] = params.evaluator(kept["val"], limit), {k: len(v) for k, v in splits.items()}
     logged["examples_skipped"] = {name: len(splits[name]) - len(examples) for name, examples in kept.items()}
-    with tracked_run(STAGE, logged, checkpoints, "pretrain") as tracker:
+    registered = {"model": INSTRUCT_MODEL, "registry": params.registry, "generation": params.generation}
+    with tracked_run(STAGE, logged, checkpoints, "pretrain", **registered) as tracker:
         batches, sample = params.train_batches(kept["train"], limit), params.sampler(splits["val"][0], encoding)
         hooks = {"evaluate": evaluate, "sample": sample, "checkpoint_dir": checkpoints, "tracker": tracker}
         result = train(model, batches, params.train, **hooks)
