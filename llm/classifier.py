@@ -39,12 +39,13 @@ ADAPTER_FILE = "adapter.safetensors"
 class ClassifierConfig:
     """What is trained and how inputs are cut.
 
+    labels: the class names in class-index order; None (the tuning params' default) takes them from the data.
     method: `lora` (adapters + head), `last_blocks` (the last `last_blocks` blocks, final LayerNorm and head,
     the book's chapter 6 recipe) or `full` (every weight). max_length: tokens kept from the start of a text.
     append_eot: end every text with <|endoftext|>, so the head always reads the same token (see encode_text).
     """
 
-    labels: tuple[str, ...] = ("ham", "spam")
+    labels: tuple[str, ...] | None = ("ham", "spam")
     method: Literal["lora", "last_blocks", "full"] = "lora"
     max_length: int = 128
     append_eot: bool = False
@@ -52,7 +53,7 @@ class ClassifierConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
             raise LLMError(f"classifier labels must be at least two distinct names, got {list(self.labels)}")
         if self.max_length <= 0 or self.last_blocks <= 0:
             raise LLMError("classifier max_length and last_blocks must be positive integers")
@@ -63,6 +64,8 @@ class GPTClassifier(nn.Module):
 
     def __init__(self, gpt: GPT, config: ClassifierConfig) -> None:
         super().__init__()
+        if config.labels is None:
+            raise LLMError("a classifier needs its label names (ClassifierConfig.labels)")
         if config.max_length > gpt.config.context_length:
             raise LLMError(
                 f"classifier max_length {config.max_length} exceeds the base model's context_length "
@@ -236,13 +239,18 @@ def classify(
     return [(model.config.labels[int(p.argmax())], float(p.max())) for p in probs]
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 and ROC-AUC, and the confusion matrix (rows actual, columns predicted).
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1, ROC-AUC, the confusion matrix and per-class scores of N predictions.
 
-    labels: (N,) class indices; probs: (N, K). With two classes, precision/recall/F1/ROC-AUC are those of
-    class 1 (the positive class, e.g. spam); with more, their macro averages (ROC-AUC one-vs-rest).
+    labels: (N,) class indices; probs: (N, K) probabilities. With two classes,
+    precision/recall/F1/ROC-AUC are those of class 1 (the positive class, e.g. spam); with more, their macro
+    averages (ROC-AUC one-vs-rest, over the classes that occur and are absent somewhere). names: the K label
+    names (default "0", "1", ...). Also: `n`, `macro_f1`
+    (the mean F1 over all K classes), `confusion` (K, K counts, rows actual, columns predicted, in `labels` order),
+    `labels` (the names) and `per_class` ({name: precision, recall, f1, roc_auc (null if undefined), n}).
     """
     n_classes = probs.shape[1]
+    names = [str(k) for k in range(n_classes)] if names is None else names
     predicted = probs.argmax(axis=1)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -253,6 +261,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
     auc = np.array([_roc_auc(labels == k, probs[:, k]) for k in range(n_classes)])
     pick = slice(1, 2) if n_classes == 2 else slice(None)
     defined_auc = auc[pick][~np.isnan(auc[pick])]
+    per_class = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "n": int(n)}
+        | ({"roc_auc": float(a)} if not np.isnan(a) else {})
+        for name, p, r, f, a, n in zip(names, precision, recall, f1, auc, confusion.sum(1), strict=True)
+    }
     return {
         "accuracy": float(true_pos.sum() / max(len(labels), 1)),
         "precision": float(precision[pick].mean()),
@@ -260,6 +273,10 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
         "f1": float(f1[pick].mean()),
         "roc_auc": float(defined_auc.mean()) if defined_auc.size else float("nan"),
         "confusion": confusion.tolist(),
+        "n": len(labels),
+        "macro_f1": float(f1.mean()),
+        "labels": list(names),
+        "per_class": per_class,
     }
 
 

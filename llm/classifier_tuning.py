@@ -3,59 +3,50 @@ balanced, stratified, tokenised splits, the training run scheduled in epochs, an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import tiktoken
 
 from llm.classifier import ClassifierConfig, GPTClassifier, classification_metrics, predict_proba
-from llm.data.classification import ClassificationDataset, balance_classes, read_labeled_tsv, stratified_split
+from llm.data.classification import ClassificationDataset, LabeledSet
 from llm.data.windows import batch_indices
 from llm.registry import RegistryParams
 from llm.train_config import PER_EPOCH_FIELDS, TrainConfig, per_epoch
 from llm.training import Batch, TrainResult
 
-
-@dataclass(frozen=True)
-class DataSplit:
-    """skip_bad_rows: skip (and count) malformed lines instead of failing on the first. balance: undersample every
-    class to the smallest. split: train/val/test fractions of every class. seed: the balancing and the split."""
-
-    skip_bad_rows: bool = False
-    balance: bool = True
-    split: tuple[float, ...] = (0.7, 0.1, 0.2)
-    seed: int = 123
+MLFLOW_UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric names
 
 
 @dataclass(frozen=True)
 class ClassifierTuningConfig:
     """train: the run, except the keys `epochs` sets (see per_epoch). epochs: passes over the train split, each
     ending with an evaluation and a checkpoint; the epoch with the lowest val loss is kept. classifier: what is
-    trained (llm.classifier). data: the splits. eval_batch_size: texts per forward when scoring. export_merged:
-    also write a self-contained copy with the adapters folded in."""
+    trained (llm.classifier; `labels` unset: the data's own, sorted). data: the labelled set and its splits
+    (llm.data.classification.LabeledSet). eval_batch_size: texts per forward when scoring. export_merged: also
+    write a self-contained copy with the adapters folded in. registry: models/classifier (with its base) logged to
+    the run and registered in MLflow (llm.registry; evaluate moves its `champion` alias)."""
 
     derived_train_keys: ClassVar[tuple[str, ...]] = PER_EPOCH_FIELDS
 
     train: TrainConfig = field(default_factory=TrainConfig)
     epochs: int = 5
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    data: DataSplit = field(default_factory=DataSplit)
+    classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(labels=None))
+    data: LabeledSet = field(default_factory=LabeledSet)
     eval_batch_size: int = 64
     export_merged: bool = False
     registry: RegistryParams = field(default_factory=RegistryParams)
 
-    def datasets(self, path: Path, tokenizer: tiktoken.Encoding) -> tuple[dict[str, ClassificationDataset], int]:
-        """The train / val / test datasets of the labelled TSV file `path`, and the number of bad rows skipped."""
-        parsed = read_labeled_tsv(path, self.classifier.labels, skip_bad_rows=self.data.skip_bad_rows)
-        examples = balance_classes(parsed.examples, self.data.seed) if self.data.balance else parsed.examples
+    def datasets(self, tokenizer: tiktoken.Encoding) -> tuple[dict[str, ClassificationDataset], ClassifierConfig, int]:
+        """The train / val / test datasets of `data`, `classifier` with the label names it uses (the params' or
+        the data's own), and the number of bad rows skipped."""
+        splits, labels, skipped = self.data.read(self.classifier.labels)
         cut = (self.classifier.max_length, self.classifier.append_eot)
-        splits = stratified_split(examples, self.data.split, self.data.seed)
-        return {name: ClassificationDataset(split, tokenizer, *cut) for name, split in splits.items()}, len(
-            parsed.skipped
-        )
+        datasets = {name: ClassificationDataset(split, tokenizer, *cut) for name, split in splits.items()}
+        return datasets, replace(self.classifier, labels=labels), skipped
 
     def scheduled(self, n_train: int) -> TrainConfig:
         """`train` scheduled in `epochs` over `n_train` examples (llm.train_config.per_epoch)."""
@@ -71,7 +62,7 @@ class ClassifierTuningConfig:
     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
         """Per split: (labels, probabilities) of every text, and the classification metrics with the split's size."""
         predictions = {name: predict_proba(model, ds.batches(self.eval_batch_size)) for name, ds in data.items()}
-        scores = {name: {**classification_metrics(*pred), "n": len(pred[0])} for name, pred in predictions.items()}
+        scores = {name: classification_metrics(*pred, model.config.labels) for name, pred in predictions.items()}
         return predictions, scores
 
 
@@ -90,6 +81,17 @@ def run_summary(result: TrainResult, method: str, sizes: dict[str, Any], skipped
 
 
 def flat_metrics(scores: dict[str, Any], training: dict[str, Any]) -> dict[str, float]:
-    """The scores and the run summary as flat numeric metrics: `<split>_<metric>` and `train_<key>`."""
-    flat = {f"{split}_{key}": value for split, s in scores.items() for key, value in s.items() if key != "confusion"}
+    """The scores and the run summary as flat numeric metrics: `<split>_<metric>`, `<split>_<metric>.<label>` (per
+    class; label names with MLFLOW_UNSAFE characters get `_`) and `train_<key>`."""
+    flat = {f"{split}_{key}": value for split, s in scores.items() for key, value in s.items() if _is_number(value)}
+    flat |= {
+        f"{split}_{key}.{MLFLOW_UNSAFE.sub('_', label)}": value
+        for split, s in scores.items()
+        for label, per_class in s["per_class"].items()
+        for key, value in per_class.items()
+    }
     return flat | {f"train_{key}": float(value) for key, value in training.items() if key != "method"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -6,6 +6,8 @@ Agg backend, imported only when a figure is drawn, so importing llm stays fast. 
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,10 +60,12 @@ def write_classifier_reports(
     predicted label, text) and report_dir/confusion.png.
     """
     predicted = probs.argmax(axis=1)
+    rows = io.StringIO()  # label names with commas or quotes are CSV-quoted
+    csv.writer(rows, lineterminator="\n").writerows(
+        [("actual", "predicted")] + [(names[a], names[p]) for a, p in zip(labels, predicted, strict=True)]
+    )
     with atomic_path(confusion_csv) as tmp:
-        tmp.write_text(
-            "actual,predicted\n" + "".join(f"{names[a]},{names[p]}\n" for a, p in zip(labels, predicted, strict=True))
-        )
+        tmp.write_text(rows.getvalue())
     wrong = [
         {"line": e.line, "actual": names[a], "predicted": names[p], "probability": float(probs[i, p]), "text": e.text}
         for i, (e, a, p) in enumerate(zip(examples, labels, predicted, strict=True))
@@ -77,7 +81,8 @@ def write_classifier_reports(
 
     with replaced_dir(report_dir) as staged:  # report_dir changes only whole
         write_json(staged / MISCLASSIFIED_FILE, wrong)
-        save_figure(staged / CONFUSION_FIGURE, draw_confusion, size=(4, 3.5))
+        side = max(4.0, 1.0 + 0.6 * len(names))  # room for every class's row and column
+        save_figure(staged / CONFUSION_FIGURE, draw_confusion, size=(side, side - 0.5))
     return report_dir / MISCLASSIFIED_FILE, report_dir / CONFUSION_FIGURE
 
 

@@ -1,10 +1,11 @@
-"""finetune_classifier: fine-tune models/base/ into an SMS spam classifier (data/raw/sms_spam_collection.tsv).
+"""finetune_classifier: fine-tune models/base/ into a text classifier of `data` (default: the SMS spam collection).
 
 Params `finetune_classifier` (llm.classifier_tuning.ClassifierTuningConfig). Writes models/classifier/ (adapter +
-head + classifier.json; with `export_merged` also a self-contained models/classifier/merged/),
-metrics/finetune_classifier.json ({"train"|"val"|"test": accuracy, precision, recall, f1, roc_auc, n, confusion},
+head + classifier.json with the label names; with `export_merged` also a self-contained models/classifier/merged/),
+metrics/finetune_classifier.json ({"train"|"val"|"test": accuracy, precision, recall, f1, roc_auc, confusion, n,
+macro_f1, labels, per_class: {label: precision, recall, f1, roc_auc, n}},
 "training": time, steps, parameter counts, skipped rows), plots/finetune_classifier/ (per-step curves),
-plots/finetune_classifier_confusion.csv (actual,predicted of every test message, for DVC's confusion template),
+plots/finetune_classifier_confusion.csv (actual,predicted label of every test text: DVC's N×N confusion plot),
 reports/finetune_classifier/ (misclassified test messages, confusion figure) and runs/finetune_classifier.json.
 An interrupted run resumes from checkpoints/finetune_classifier/<key of the base weights and the params>/.
 """
@@ -27,7 +28,6 @@ from llm.training import train
 from stages.common import (
     BASE_MODEL,
     CLASSIFIER_METRICS,
-    RAW,
     checkpoint_dir,
     params_section,
     run,
@@ -45,15 +45,16 @@ def main() -> None:
     params = params_section(STAGE, ClassifierTuningConfig)
     if params.epochs <= 0:
         raise LLMError(f"params.yaml:{STAGE}.epochs must be a positive integer, got {params.epochs}")
-    data, skipped = params.datasets(RAW / "sms_spam_collection.tsv", tokenizer())
+    data, classifier, skipped = params.datasets(tokenizer())
     config = params.scheduled(len(data["train"]))
     torch.manual_seed(config.seed)  # the new head's initialisation
-    model = GPTClassifier(load_model(BASE_MODEL), params.classifier)
+    model = GPTClassifier(load_model(BASE_MODEL), classifier)
     model.apply_method()
     sizes, base_sha = parameter_report(model), sha256_file(BASE_MODEL / WEIGHTS_FILE)
     checkpoints = checkpoint_dir(STAGE, base_sha, dataclasses.asdict(params))
     logged = {**dataclasses.asdict(params), "train": dataclasses.asdict(config), "base_weights_sha256": base_sha}
     logged |= {"trainable_params": sizes["trainable"], "examples": {name: len(ds) for name, ds in data.items()}}
+    logged["classifier"]["labels"] = list(classifier.labels or ())
     with tracked_run(STAGE, logged, checkpoints, "pretrain", model=OUT_DIR, registry=params.registry) as tracker:
         evaluate = classification_evaluator(data["val"].batches(params.eval_batch_size))
         hooks = {"loss_fn": classification_loss, "evaluate": evaluate, "tracker": tracker}
@@ -64,11 +65,11 @@ def main() -> None:
             data["test"].examples,
             *predictions["test"],
             scores["test"]["confusion"],
-            params.classifier.labels,
+            classifier.labels,
             confusion_csv=CONFUSION_CSV,
             report_dir=REPORT_DIR,
         )
-        for path, folder in zip(reports, ("reports", "plots"), strict=True):  # misclassified messages, figure
+        for path, folder in zip((*reports, CONFUSION_CSV), ("reports", "plots", "plots"), strict=True):
             tracker.log_artifact(path, folder)
         training = run_summary(result, params.classifier.method, sizes, skipped)
         tracker.log_metrics(flat_metrics(scores, training))

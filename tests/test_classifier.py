@@ -161,3 +161,27 @@ def test_metrics_by_hand() -> None:
     perfect = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
     assert perfect["accuracy"] == perfect["f1"] == perfect["roc_auc"] == 1.0
     assert np.isnan(classification_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]))["roc_auc"])
+
+
+def test_multiclass_metrics_by_hand() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array(
+        [[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.5, 0.1, 0.4], [0.1, 0.2, 0.7]]
+    )  # predictions: 0 1 1 1 0 2
+    m = classification_metrics(labels, probs, ["cat", "dog", "eel"])
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]] and m["labels"] == ["cat", "dog", "eel"]
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["n"] == 6
+    per_class = m["per_class"]
+    assert per_class["cat"]["precision"] == pytest.approx(1 / 2) and per_class["cat"]["recall"] == pytest.approx(1 / 2)
+    assert per_class["dog"]["precision"] == pytest.approx(2 / 3) and per_class["dog"]["recall"] == 1.0
+    assert per_class["eel"]["precision"] == 1.0 and per_class["eel"]["recall"] == pytest.approx(1 / 2)
+    f1s = [1 / 2, 0.8, 2 / 3]
+    assert [per_class[k]["f1"] for k in ("cat", "dog", "eel")] == pytest.approx(f1s)
+    assert m["macro_f1"] == pytest.approx(sum(f1s) / 3) == pytest.approx(m["f1"])
+    for k, name in enumerate(("cat", "dog", "eel")):  # one-vs-rest AUC, pair by pair
+        pairs = list(product(probs[labels == k, k], probs[labels != k, k]))
+        brute = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+        assert per_class[name]["roc_auc"] == pytest.approx(brute) and per_class[name]["n"] == 2
+    assert m["roc_auc"] == pytest.approx(np.mean([per_class[k]["roc_auc"] for k in ("cat", "dog", "eel")]))
+    binary = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["ham", "spam"])
+    assert binary["f1"] == binary["per_class"]["spam"]["f1"] and set(binary["per_class"]) == {"ham", "spam"}

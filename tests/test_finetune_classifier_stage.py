@@ -110,7 +110,8 @@ def test_bad_rows_fail_or_are_counted(workdir: Path) -> None:
     failed = run_stage(workdir)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1].endswith("line 121: empty text (set skip_bad_rows to skip bad rows)")
-    write_params(workdir, {"data": {"skip_bad_rows": True}, "epochs": 1})
+    labelled = {"method": "lora", "max_length": 32, "lora": {"r": 4, "alpha": 8}, "labels": ["ham", "spam"]}
+    write_params(workdir, {"data": {"skip_bad_rows": True}, "epochs": 1, "classifier": labelled})  # 'maybe': unknown
     assert run_stage(workdir).returncode == 0
     assert json.loads((workdir / METRICS).read_text())["training"]["skipped_rows"] == 2
 
@@ -119,3 +120,44 @@ def test_derived_train_settings_are_rejected(workdir: Path) -> None:
     write_params(workdir, {"train": {"max_steps": 10}})
     failed = run_stage(workdir)
     assert failed.returncode == 1 and "train.max_steps is set by the stage" in failed.stderr
+
+
+def topic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(message, topic) rows of three topics with their own words; CSV-quoted messages hold commas."""
+    rng = random.Random(seed)
+    words = {
+        "sport": ["match", "goal", "team", "league", "coach"],
+        "money": ["shares", "bank", "profit", "market", "tax"],
+        "food": ["pasta", "soup", "bread", "cheese", "salad"],
+    }
+    topics = list(words)
+    return [(f"{' '.join(rng.choices(words[t], k=4))}, again", t) for t in (topics[i % 3] for i in range(n))]
+
+
+def test_own_three_class_csv_with_named_columns(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "data/raw/sms_spam_collection.tsv").unlink()  # only the user's file is read
+    (workdir / "data/news").mkdir()
+    rows = "".join(f'{i},"{text}",{topic}\n' for i, (text, topic) in enumerate(topic_rows(150)))
+    (workdir / "data/news/news.csv").write_text("id,message,topic\n" + rows, encoding="utf-8")
+    data = {"path": "data/news/news.csv", "text_column": "message", "label_column": "topic"}
+    write_params(workdir, {"data": data, "epochs": 4})
+    assert run_stage(workdir).returncode == 0
+    metrics = json.loads((workdir / METRICS).read_text())
+    test = metrics["test"]
+    assert test["labels"] == ["food", "money", "sport"] and test["n"] == 30 and len(test["confusion"]) == 3
+    assert test["accuracy"] >= 0.8 and test["macro_f1"] >= 0.8  # chance: 1/3
+    assert set(test["per_class"]) == {"food", "money", "sport"} and test["per_class"]["food"]["n"] == 10
+    rows = (workdir / "plots/finetune_classifier_confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and {r.split(",")[0] for r in rows[1:]} == {"food", "money", "sport"}
+    assert json.loads((workdir / OUT_DIR / "classifier.json").read_text())["classifier"]["labels"] == test["labels"]
+
+    capsys.readouterr()
+    texts = ["goal team match coach", "bank tax profit shares", "soup bread cheese pasta"]
+    assert cli_main(["classify", "--model", str(OUT_DIR), *texts]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["sport", "money", "food"]
+
+    write_params(workdir, {"data": data | {"label_column": "label"}})
+    failed = run_stage(workdir)
+    assert failed.returncode == 1 and "has no column 'label'" in failed.stderr and "columns: id, message, topic" in (
+        failed.stderr
+    )
