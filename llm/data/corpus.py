@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,9 @@ def tokenize_corpus(
         # no Python int per token. Runs without the GIL, so the threads encode in parallel.
         return enc.encode_to_numpy(piece, disallowed_special=()).astype(np.uint16)
 
+    def encode_all(pieces: list[str]) -> list[np.ndarray]:
+        return [encode(piece) for piece in pieces]
+
     schema = SCHEMA.with_metadata({TOKENIZER_KEY: tokenizer_fingerprint().encode()})
     total_bytes = input_bytes(inputs)
     n_read, from_text_files = 0, all(item.path is not None and (item.format or "text") == "text" for item in inputs)
@@ -131,7 +135,9 @@ def tokenize_corpus(
         for batch in _batches(documents, batch_chars, strip_boilerplate):
             n_read += len(batch)
             pieces = [split_text(doc.text, piece_chars) for doc in batch]
-            encoded = iter(pool.map(encode, [p for doc in pieces for p in doc]))
+            flat = [p for doc in pieces for p in doc]
+            size = -(-len(flat) // (4 * threads))  # a few tasks per thread: many small rows cost one task each
+            encoded = chain.from_iterable(pool.map(encode_all, (flat[i : i + size] for i in range(0, len(flat), size))))
             for (source, _, size), doc_pieces in zip(batch, pieces, strict=True):
                 tokens = np.concatenate([next(encoded) for _ in doc_pieces])
                 bar.update(size)
