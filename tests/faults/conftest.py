@@ -130,9 +130,10 @@ class Pipeline:
 
     def forget(self, stage: str) -> None:
         """Drop `stage` from dvc.lock, as if it had never run: its next `dvc repro --no-run-cache` really runs it
-        (a stage that ran before with the same inputs would just be restored from the DVC cache)."""
+        (a stage that ran before with the same inputs would just be restored from the DVC cache, and its outputs
+        are `persist`: one that an interruption left as they were would be up to date)."""
         lock = yaml.safe_load((self.repo / "dvc.lock").read_text(encoding="utf-8"))
-        del lock["stages"][stage]
+        lock["stages"].pop(stage, None)
         (self.repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
 
     def status(self, *targets: str) -> dict[str, Any]:
