@@ -78,6 +78,12 @@ def run_stage(cwd: Path, mirror: Path, mlflow_uri: str | None = None) -> subproc
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def mlflow_client(uri: str):  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def mlflow_runs(uri: str):  # type: ignore[no-untyped-def]
     import mlflow
 
@@ -110,6 +116,27 @@ def test_stage_writes_model_metrics_plots_and_mlflow_run(
     training = json.loads((cwd / "models" / "base" / "config.json").read_text())["training"]
     assert training["stage"] == "pretrain" and training["steps"] == 12 and training["tokens"] == 12 * 4 * 32
     assert not [key for key in training if "seconds" in key or "per_s" in key or "run_id" in key]
+    (version,) = mlflow_client(uri).search_model_versions("name = 'llm-base'")  # logged and registered
+    assert version.run_id == run_id and version.tags["dvc.stage"] == "pretrain"
+
+
+def test_registry_log_model_false_trains_the_same_and_registers_nothing(
+    tmp_path: Path, windows: Path, mirror: Path, migrated_store: Path
+) -> None:
+    outputs = {}
+    for log_model in (True, False):
+        cwd = workdir(tmp_path / str(log_model), windows, pretrain={"registry": {"log_model": log_model}})
+        shutil.copy(migrated_store, cwd / "mlflow.db")
+        uri = f"sqlite:///{cwd / 'mlflow.db'}"
+        done = run_stage(cwd, mirror, uri)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(mlflow_client(uri).search_model_versions("name = 'llm-base'")) == int(log_model)
+        assert mlflow_runs(uri)["status"].tolist() == ["FINISHED"]
+        outputs[log_model] = (
+            (cwd / "models/base/model.safetensors").read_bytes(),
+            json.loads((cwd / "metrics/pretrain.json").read_text())["val_loss"],
+        )
+    assert outputs[True] == outputs[False]  # logging the model changes no weight and no score
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(
