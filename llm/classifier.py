@@ -39,7 +39,7 @@ ADAPTER_FILE = "adapter.safetensors"
 class ClassifierConfig:
     """What is trained and how inputs are cut.
 
-    labels: the class names in class-index order; None (the tuning params' default) takes them from the data.
+    labels: the class names in class-index order; None (in params) takes them from the data, sorted.
     method: `lora` (adapters + head), `last_blocks` (the last `last_blocks` blocks, final LayerNorm and head,
     the book's chapter 6 recipe) or `full` (every weight). max_length: tokens kept from the start of a text.
     append_eot: end every text with <|endoftext|>, so the head always reads the same token (see encode_text).

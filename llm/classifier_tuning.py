@@ -25,7 +25,7 @@ MLFLOW_UNSAFE = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric
 class ClassifierTuningConfig:
     """train: the run, except the keys `epochs` sets (see per_epoch). epochs: passes over the train split, each
     ending with an evaluation and a checkpoint; the epoch with the lowest val loss is kept. classifier: what is
-    trained (llm.classifier; `labels` unset: the data's own, sorted). data: the labelled set and its splits
+    trained (llm.classifier; `labels: null`: the data's own, sorted). data: the labelled set and its splits
     (llm.data.classification.LabeledSet). eval_batch_size: texts per forward when scoring. export_merged: also
     write a self-contained copy with the adapters folded in. registry: models/classifier (with its base) logged to
     the run and registered in MLflow (llm.registry; evaluate moves its `champion` alias)."""
@@ -34,7 +34,7 @@ class ClassifierTuningConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     epochs: int = 5
-    classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(labels=None))
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: LabeledSet = field(default_factory=LabeledSet)
     eval_batch_size: int = 64
     export_merged: bool = False
