@@ -4,10 +4,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llm.classifier import classification_metrics
+from llm.classifier_tuning import flat_metrics
 from llm.data.classification import LabeledSet, read_rows
 from llm.errors import LLMError
 
@@ -138,3 +141,11 @@ def test_given_train_val_test_files(tmp_path: Path) -> None:
         labeled(folder / "train.jsonl", **files).read(None)
     with pytest.raises(LLMError, match=r"data\.format must be one of auto, sms"):
         labeled(folder, format="xlsx")
+
+
+def test_flat_metrics_per_class_names() -> None:
+    scores = {"test": classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a:b", "c d"])}
+    flat = flat_metrics(scores, {"method": "full", "steps": 3})
+    assert flat["test_accuracy"] == 1.0 and flat["test_macro_f1"] == 1.0 and flat["train_steps"] == 3.0
+    assert flat["test_f1.a_b"] == 1.0 and flat["test_n.c d"] == 1 and "test_confusion" not in flat
+    assert all(isinstance(v, int | float) for v in flat.values())
