@@ -58,7 +58,7 @@ class GenerationConfig:
         if self.max_new_tokens < 0:
             raise LLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
-            raise LLMError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+            raise LLMError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise LLMError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

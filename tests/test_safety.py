@@ -147,7 +147,7 @@ SAFETY_CASES: dict[str, Case] = {
         lambda ws: write(ws, "data/raw/instruction-data.json", "[" * 200_000 + "]" * 200_000),
         r"data/raw/instruction-data\.json: JSON nested too deeply"),
     "generate --temperature nan": Case(("generate", "--model", "models/base", "--prompt", "Hi", "--temperature", "nan"),
-        lambda ws: None, r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+        lambda ws: None, r"temperature must be >= 0 and finite \(0 = greedy\), got nan"),
     "classify --batch-size 0": Case(("classify", "--batch-size", "0", "some text"), lambda ws: None,
         r"--batch-size must be at least 1, got 0"),
     "export-hf onto its own source": Case(("export-hf", "models/base", "models/base", "--force"), lambda ws: None,
