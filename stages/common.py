@@ -58,7 +58,7 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The params file's sections; one outside SECTIONS, an empty one or a key written twice is an error (a typo
     never silently means defaults, nor another value)."""
     try:
-        data = yaml.load(read_utf8(path, missing=": run stages from the repository root"), _UniqueKeyLoader)
+        data = _UniqueKeyLoader(read_utf8(path, missing=": run stages from the repository root")).get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
