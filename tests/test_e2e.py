@@ -132,3 +132,62 @@ def test_one_mlflow_run_per_stage_under_the_parent(pipeline_run: tuple[Path, dic
         assert runs["tags.system.allocator"].item() == expected_allocator  # the launcher's memory set-up
         assert runs["tags.system.huge_pages"].item() in ("on", "unavailable")  # requested
     assert len(frame) == len(tracked) + 1
+
+
+@pytest.mark.slow
+def test_models_registered_tagged_and_the_champion_classifies_as_the_folder(
+    pipeline_run: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    repo, env = pipeline_run
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    commit = sh("git", "rev-parse", "HEAD", cwd=repo, env=env).stdout.strip()
+    stages = {"llm-base": "pretrain", "llm-classifier": "finetune_classifier", "llm-instruct": "finetune_instructions"}
+    for name, stage in stages.items():
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert version.run_id == json.loads((repo / "runs" / f"{stage}.json").read_text())["run_id"]
+        assert version.tags["git.commit"] == commit and version.tags["dvc.stage"] == stage
+        assert version.tags.get("dvc.exp_name", "") == ""  # dvc repro, not an experiment
+        tagged = {k: v for k, v in version.tags.items() if k.startswith("dvc.deps.")}
+        assert tagged == {f"dvc.deps.{dep['path']}": dep["md5"] for dep in lock[stage]["deps"]}, name
+    board = json.loads((repo / "metrics/evaluate.json").read_text())
+    accuracy, rouge_l = board["classifier"]["accuracy"], board["instruct"]["rouge_l"]
+    assert board["champion"] == {
+        "classifier": {"version": 1, "score": accuracy, "promoted": 1},  # the first version: no champion before
+        "instruct": {"version": 1, "score": rouge_l, "promoted": 1},
+    }
+    assert client.get_model_version_by_alias("llm-classifier", "champion").tags["score.test_accuracy"] == str(accuracy)
+    texts = ["WINNER!! Claim your free prize now, text WIN to 80086", "Are we still on for lunch tomorrow?", "ok"]
+    cached = {**env, "LLM_MODEL_CACHE": str(tmp_path / "model-cache")}
+    labels = {
+        model: sh(sys.executable, "-m", "llm.cli", "classify", "--model", model, *texts, cwd=repo, env=cached).stdout
+        for model in ("models:/llm-classifier@champion", "models/classifier")
+    }
+    assert labels["models:/llm-classifier@champion"] == labels["models/classifier"]
+    assert len(labels["models/classifier"].splitlines()) == len(texts)
+
+
+@pytest.mark.slow
+def test_dvc_artifacts_get_fetches_a_model_from_the_remote(
+    pipeline_run: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """After `dvc push` to a local remote and a version tag (`<artifact>@v<semver>`, what `dvc artifacts get`
+    looks up), `dvc artifacts get` in an empty folder fetches models/classifier from a fresh clone (which has no
+    DVC cache: the files come from the remote)."""
+    repo, env = pipeline_run
+    dvc, remote, clone, empty = str(BIN / "dvc"), tmp_path / "remote", tmp_path / "clone", tmp_path / "empty"
+    sh(dvc, "remote", "add", "-d", "local", str(remote), cwd=repo, env=env)
+    sh(dvc, "push", "models/base", "models/classifier", cwd=repo, env=env)
+    sh("git", "add", "dvc.lock", ".dvc/config", cwd=repo, env=env)
+    sh("git", "commit", "-q", "-m", "lock and remote", cwd=repo, env=env)
+    sh("git", "tag", "-a", "llm-classifier@v1.0.0", "-m", "llm-classifier v1.0.0", cwd=repo, env=env)
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path, env=env)
+    empty.mkdir()
+    sh(dvc, "artifacts", "get", str(clone), "llm-classifier", "-o", "classifier", cwd=empty, env=env)
+    wanted = sorted(p.relative_to(repo / "models/classifier") for p in (repo / "models/classifier").rglob("*"))
+    assert sorted(p.relative_to(empty / "classifier") for p in (empty / "classifier").rglob("*")) == wanted
+    for path in wanted:
+        source = repo / "models/classifier" / path
+        assert source.is_dir() or (empty / "classifier" / path).read_bytes() == source.read_bytes()
