@@ -163,3 +163,14 @@ def test_params_mistakes_stop_the_stage_with_one_line(tmp_path: Path, text: byte
         [sys.executable, "-m", "stages.sample"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_every_out_of_the_pipeline_is_persist() -> None:
+    """Without `persist: true` DVC deletes an out before its stage runs, and a failing stage then loses it."""
+    pipeline = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text(encoding="utf-8"))
+    declared = [
+        (stage, out) for stage, spec in pipeline["stages"].items() for kind in ("outs", "metrics", "plots")
+        for out in spec.get(kind, [])
+    ]  # fmt: skip
+    assert declared
+    assert [(s, o) for s, o in declared if not (isinstance(o, dict) and next(iter(o.values())).get("persist"))] == []
