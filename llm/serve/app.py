@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from llm.chat import STOP, Message, render_chat
+from llm.chat import STOP, Message, prompt_ids
 from llm.classifier import classify
 from llm.errors import LLMError
 from llm.generate import GenerationConfig
@@ -98,12 +98,12 @@ def build_app(served: ServedModel, tokenizer: tiktoken.Encoding, engine: Engine 
         req = ChatRequest.model_validate(body)
         check_model(req.model)
         try:
-            prompt = render_chat([Message(m.role, m.text()) for m in req.messages])
+            prompt = prompt_ids([Message(m.role, m.text()) for m in req.messages], tokenizer)
         except LLMError as err:
             raise ApiError(400, str(err), param="messages") from err
         if req.max_completion_tokens is not None:
             req = req.model_copy(update={"max_tokens": req.max_completion_tokens})
-        return await generate(request, req, tokenizer.encode_ordinary(prompt), Reply(served.name, chat=True), STOP)
+        return await generate(request, req, prompt, Reply(served.name, chat=True), STOP)
 
     async def completions(request: Request, body: dict[str, Any]) -> Response:
         req = CompletionRequest.model_validate(body)
