@@ -6,7 +6,7 @@ ends the parent by how DVC ended: FINISHED on exit status 0, KILLED when DVC die
 received SIGINT/SIGTERM, FAILED otherwise (DVC exits 255 when a stage fails, also when a signal stopped the
 stage: the stage's own run says KILLED then). `MLFLOW_RUN_ID` is never passed on: a stage starting a run with it
 would end the parent. Plain `dvc repro` works without the wrapper (the stages' runs then have no parent). If
-MLflow cannot be reached the wrapper warns (once, within seconds: `llm.tracking.probe_store`) and runs DVC anyway.
+MLflow cannot be reached the wrapper warns (once, within seconds: `llm.mlflow_store.probe_store`) and runs DVC anyway.
 """
 
 from __future__ import annotations
@@ -20,18 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import LLMError
+from llm.mlflow_store import get_or_create_experiment, probe_store, quiet_mlflow, tracking_uri
 from llm.paths import repo_root
 from llm.signals import relay_to
-from llm.tracking import (
-    PARENT_RUN_ENV,
-    get_or_create_experiment,
-    git_commit,
-    one_line,
-    probe_store,
-    quiet_mlflow,
-    redact,
-    tracking_uri,
-)
+from llm.tracking import PARENT_RUN_ENV, git_commit, one_line, redact
 
 ACTIONS: dict[str, tuple[str, ...]] = {"repro": ("repro",), "exp-run": ("exp", "run")}
 

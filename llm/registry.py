@@ -8,7 +8,7 @@
 - `update_champion` (evaluate) moves the alias `champion` to an evaluated version that beats the current champion.
 - `resolve_model` turns `models:/<name>/<version>` or `models:/<name>@<alias>` into a local model directory (one
   download per version, to `$LLM_MODEL_CACHE`, default `~/.cache/llm/models`); the CLI reads every `--model`
-  through it. The store is `llm.tracking.tracking_uri()`.
+  through it. The store is `llm.mlflow_store.tracking_uri()`.
 
 MLflow and DVC are imported only inside the functions that need them.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llm.errors import LLMError
-from llm.tracking import tracking_uri
+from llm.mlflow_store import tracking_uri
 
 if TYPE_CHECKING:
     from llm.generate import GenerationConfig

@@ -18,8 +18,8 @@ import numpy as np
 from llm.io import atomic_path, replaced_dir, write_json
 
 if TYPE_CHECKING:
-    from llm.data.classification import ClassificationExample
     from llm.data.instructions import Instruction
+    from llm.data.labeled_files import ClassificationExample
     from llm.evaluation import JudgeResult
 
 MISCLASSIFIED_FILE = "misclassified.json"

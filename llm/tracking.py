@@ -10,34 +10,32 @@ writes, under the repository root (a failed or interrupted run leaves the last g
 - `runs/S.json`: `{"run_id", "tracking_uri", "experiment_id"}`, so later stages can log the run ids of the
   stages they depend on even when DVC skipped those stages (lineage survives cache hits).
 
-The tracking URI is `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<repo>/mlflow.db` (absolute, so runs
-made in the temporary copies of `dvc exp run --temp/--queue` land in the real repository). `LLM_MLFLOW=off`
-keeps only the DVC files. When MLflow fails (server down, store locked, read-only or not a database), the
-tracker warns once and goes on with the DVC files: tracking never stops training. A local SQLite store is probed
-first (`probe_store`), so a store MLflow cannot use costs seconds, not MLflow's minutes of retries; MLflow's own
-log records are silenced during the tracker's calls (the one warning says what failed). The run always ends:
-FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM (`Interrupted`). A process killed by SIGKILL cannot end
-its run: runs carry the `llm.process` tag (host, pid, process start), and the next run of the same stage ends the
-RUNNING runs of that stage whose process is gone (same host, pid not alive or reused) as KILLED. mlflow and
-matplotlib are imported only when a run starts.
+The tracking URI is `$MLFLOW_TRACKING_URI`, else an absolute `sqlite:///<repo>/mlflow.db` (absolute, so runs made in
+the temporary copies of `dvc exp run --temp/--queue` land in the real repository). `LLM_MLFLOW=off` keeps only the
+DVC files. When MLflow fails (server down, store locked, read-only or not a database), the tracker warns once and
+goes on with the DVC files: tracking never stops training. A local SQLite store is probed first
+(`llm.mlflow_store.probe_store`), so a store MLflow cannot use costs seconds, not MLflow's minutes of retries;
+MLflow's own log records are silenced during the tracker's calls (the one warning says what failed). The run always
+ends: FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM (`Interrupted`). A process killed by SIGKILL cannot
+end its run: runs carry the `llm.process` tag (host, pid, process start), and the next run of the same stage ends
+the RUNNING runs of that stage whose process is gone (same host, pid not alive or reused) as KILLED (store access,
+experiment lookup and that clean-up live in `llm.mlflow_store`). Also here: `git_tags`/`git_commit` (the run's
+source commit) and `redact`/`one_line` (URLs and errors fit for a log). mlflow and matplotlib are imported only when
+a run starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import math
 import os
 import re
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,19 +43,20 @@ from typing import Any
 from llm.allocator import memory_tags
 from llm.errors import Interrupted, LLMError
 from llm.io import PathLike, read_json, replaced_dir, write_json
-from llm.paths import repo_root
+from llm.mlflow_store import (
+    PROCESS_TAG,
+    end_orphaned_runs,
+    get_or_create_experiment,
+    probe_store,
+    process_id,
+    quiet_mlflow,
+    tracking_uri,
+)
 from llm.signals import handling, raise_interrupted, sigterm_held_back
 
 PARENT_RUN_ENV = "LLM_MLFLOW_PARENT_RUN_ID"
-PROCESS_TAG = "llm.process"  # "host:pid:start" of the process that started the run (see process_id)
 MLFLOW_SWITCH_ENV = "LLM_MLFLOW"
-DEFAULT_EXPERIMENT = "llm"
 _BATCH = 500  # metrics per MLflow log_batch call (its limit is 1000)
-
-
-def tracking_uri(start: Path | None = None) -> str:
-    """`$MLFLOW_TRACKING_URI`, else an absolute SQLite URI for `<repo root>/mlflow.db`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(start) / 'mlflow.db'}"
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -286,92 +285,9 @@ class Tracker:
         return figure
 
 
-def probe_store(uri: str) -> None:
-    """An LLMError within seconds when `uri` is a local SQLite store that cannot be written (read-only file or
-    filesystem, a directory in its place, not a database, locked for more than 5 s, unwritable folder); MLflow
-    would retry opening it for about 100 s. Other stores are left to MLflow, with HTTP retries set low."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a down server fails in seconds, not minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
-    try:
-        if path.exists():
-            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=5)) as db:
-                db.execute("BEGIN IMMEDIATE")  # takes the write lock, as MLflow's first write will
-                db.execute("SELECT count(*) FROM sqlite_master")
-                db.rollback()
-        else:  # MLflow creates the store: its folder must take a new file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=path.parent).close()
-    except (OSError, sqlite3.Error) as err:
-        raise LLMError(f"cannot write the SQLite store {path}: {err}") from err
-
-
-@contextlib.contextmanager
-def quiet_mlflow() -> Iterator[None]:
-    """Within the block MLflow (and the HTTP retries under it) log nothing below CRITICAL: a failing store would
-    print a warning block per retry; the tracker's own warning says what failed."""
-    loggers = [logging.getLogger(name) for name in ("mlflow", "urllib3", "alembic")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def process_id(pid: int) -> str:
-    """`host:pid:start` for process `pid` of this host; start is its start time in clock ticks after boot (Linux;
-    empty elsewhere), so a pid the system gave to a new process is told apart from the one that started a run."""
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
-
-
-def process_gone(process: str) -> bool:
-    """Whether the process `process_id` named is known to have ended: False for another host's processes."""
-    host, pid, start = ([""] * 3 + process.rsplit(":", 2))[-3:]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by another user
-        pass
-    return bool(start) and _start_ticks(int(pid)) != start
-
-
-def end_orphaned_runs(client: Any, experiment_id: str, stage: str) -> None:
-    """End as KILLED the RUNNING runs of `stage` whose process is gone (see `process_gone`): a process killed by
-    SIGKILL could not end its own run. Runs of live processes, of other hosts and without the tag stay RUNNING."""
-    query = f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment_id], filter_string=query, max_results=1000):
-        if process_gone(run.data.tags.get(PROCESS_TAG, "")):
-            client.set_tag(run.info.run_id, "llm.ended_by", "a later run of the stage: its process was gone")
-            client.set_terminated(run.info.run_id, "KILLED")
-
-
 def one_line(text: str, limit: int = 300) -> str:
     """`text` on one line (runs of whitespace as one space), cut to `limit` characters."""
     return " ".join(text.split())[:limit]
-
-
-def get_or_create_experiment(client: Any, uri: str) -> str:
-    """The id of experiment `$MLFLOW_EXPERIMENT_NAME` (default "llm") in `client`'s store at `uri`, created if
-    missing; with a SQLite store its artifacts go beside the store (not into a DVC temporary copy)."""
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        local = uri.startswith("sqlite:")
-        store = Path(uri.removeprefix("sqlite:///")).resolve()
-        location = (store.parent / "mlartifacts").as_uri() if local else None
-        with contextlib.suppress(Exception):  # another process may have created it meanwhile
-            client.create_experiment(name, artifact_location=location)
-        experiment = client.get_experiment_by_name(name)
-    return str(experiment.experiment_id)
 
 
 def git_commit(root: Path) -> dict[str, str]:
@@ -400,13 +316,6 @@ def redact(text: str) -> str:
 def _git(root: Path, *args: str) -> str:
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True)
     return done.stdout.strip()
-
-
-def _start_ticks(pid: int) -> str:
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
-    return ""
 
 
 def _run_id(root: Path, stage: str) -> str | None:

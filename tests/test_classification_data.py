@@ -8,12 +8,12 @@ import torch
 
 from llm.data.classification import (
     ClassificationDataset,
-    ClassificationExample,
     balance_classes,
     collate_classification,
     read_labeled_tsv,
     stratified_split,
 )
+from llm.data.labeled_files import ClassificationExample
 from llm.errors import LLMError
 from llm.tokenizer import EOT_ID, get_tokenizer
 

@@ -11,7 +11,8 @@ import pytest
 
 from llm.classifier import classification_metrics
 from llm.classifier_tuning import flat_metrics
-from llm.data.classification import LabeledSet, read_rows
+from llm.data.classification import LabeledSet
+from llm.data.labeled_files import read_rows
 from llm.errors import LLMError
 
 ROWS = [("the match ended 3-1", "sport"), ("shares fell 2%", "business"), ("a new phone, with 5G", "tech")] * 4

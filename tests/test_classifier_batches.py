@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from llm.classifier import classification_evaluator
-from llm.data.classification import ClassificationDataset, ClassificationExample
+from llm.data.classification import ClassificationDataset
+from llm.data.labeled_files import ClassificationExample
 from llm.tokenizer import EOT_ID
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.classification import ClassificationExample
 from llm.data.instructions import Instruction
+from llm.data.labeled_files import ClassificationExample
 from llm.evaluation import JudgeResult
 from llm.reports import save_figure, write_classifier_reports, write_evaluation_report, write_rouge_csv
 

@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 
 from llm.errors import Interrupted, LLMError
+from llm.mlflow_store import PROCESS_TAG, process_id, tracking_uri
 from llm.paths import repo_root
-from llm.tracking import PARENT_RUN_ENV, PROCESS_TAG, Tracker, process_id, tracking_uri
+from llm.tracking import PARENT_RUN_ENV, Tracker
 
 
 def runs(uri: str) -> pd.DataFrame:
