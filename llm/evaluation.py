@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tiktoken
 import torch
@@ -29,6 +29,7 @@ from tqdm import tqdm
 from llm.data.instructions import Instruction, format_prompt
 from llm.data.text import read_text, strip_gutenberg
 from llm.errors import LLMError
+from llm.io import write_json
 from llm.model import GPT
 from llm.tokenizer import EOT_ID
 
@@ -117,6 +118,24 @@ def mean_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) 
     if count == 0:
         raise LLMError("mean_loss: the batches hold no target tokens")
     return total / count
+
+
+CLASSIFIER_SCORES = "accuracy", "precision", "recall", "f1", "roc_auc", "n"  # of the classifier's test metrics
+
+
+def scoreboard(
+    held: Perplexity, val_loss: float, rouge_f1: dict[str, list[float]], classifier_test: dict[str, Any]
+) -> dict[str, Any]:
+    """The nested scores: the base model's held-out loss and perplexity, the classifier's CLASSIFIER_SCORES of its
+    `classifier_test` metrics, the instruction model's val loss, and each model's mean ROUGE-L F1 of `rouge_f1`
+    ({"base"|"instruct": one per test entry}) with their ratio (None when the base model's is 0)."""
+    rouge = {name: sum(values) / len(values) for name, values in rouge_f1.items()}
+    return {
+        "base": {"heldout_loss": held.loss, "heldout_perplexity": held.perplexity, "rouge_l": rouge["base"]},
+        "classifier": {k: classifier_test[k] for k in CLASSIFIER_SCORES if k in classifier_test},
+        "instruct": {"val_loss": val_loss, "rouge_l": rouge["instruct"]},
+        "rouge_l_ratio": rouge["instruct"] / rouge["base"] if rouge["base"] else None,
+    }
 
 
 def heldout_tokens(directory: str | Path, tokenizer: tiktoken.Encoding, max_tokens: int = 0) -> torch.Tensor:
@@ -247,3 +266,14 @@ def judge(
         result.replies.append(reply)
         result.scores.append(parse_score(reply))
     return result
+
+
+def judged(
+    board: dict[str, Any], test: list[Instruction], responses: list[str], config: JudgeConfig, replies: Path
+) -> JudgeResult:
+    """The judge's verdict on the `responses`: its scores added to board["instruct"], its replies saved to `replies`
+    (JSON: [{"score", "reply"}, ...])."""
+    verdict = judge(test, responses, config)
+    board["instruct"] |= {"judge_score": verdict.mean_score, "judge_unparseable": verdict.n_unparseable}
+    write_json(replies, [{"score": s, "reply": r} for s, r in zip(verdict.scores, verdict.replies, strict=True)])
+    return verdict

@@ -6,17 +6,15 @@ import json
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import tiktoken
-import yaml
 
-from llm.config import from_mapping, suggest
 from llm.errors import LLMError
-from llm.io import read_utf8
+from llm.params import read_params, read_section
 from llm.signals import STOP_SIGNALS
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
@@ -31,8 +29,7 @@ PARAMS_FILE = Path("params.yaml")
 SECTIONS = "data", "tokenize", "sample", "model", "pretrain", "finetune_classifier", "finetune_instructions", "evaluate"
 
 # Files that one stage writes and another reads (dvc.yaml declares them as outs and deps).
-RAW, WINDOWS = Path("data/raw"), Path("data/windows")
-RANKS_FILE, INSTRUCTION_DATA = RAW / "tokenizer/r50k_base.tiktoken", RAW / "instruction-data.json"
+RAW, WINDOWS, RANKS_FILE = Path("data/raw"), Path("data/windows"), Path("data/raw/tokenizer/r50k_base.tiktoken")
 BASE_MODEL, INSTRUCT_MODEL = Path("models/base"), Path("models/instruct")
 RESPONSES, CLASSIFIER_METRICS = Path("reports/responses.json"), Path("metrics/finetune_classifier.json")
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, never a DVC out (DVC never deletes them)
@@ -41,52 +38,14 @@ MODEL_KINDS: dict[str, "Kind"] = {"pretrain": "base", "finetune_classifier": "cl
 MODEL_KINDS["finetune_instructions"] = "instruct"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key written twice in one mapping is an error (not: the last one wins)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and lines.setdefault(key, line) != line:
-                problem = f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one"
-                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    """The params file's sections; one outside SECTIONS, an empty one or a key written twice is an error (a typo
-    never silently means defaults, nor another value)."""
-    try:
-        data = _UniqueKeyLoader(read_utf8(path, missing=": run stages from the repository root")).get_single_data()
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LLMError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from err
-    if not isinstance(data, dict):
-        raise LLMError(f"{path} must be a mapping of sections, got {type(data).__name__}")
-    for name, section in data.items():
-        if name not in SECTIONS:
-            raise LLMError(
-                f"{path}: unknown section {name!r}{suggest(str(name), SECTIONS)}; valid sections: {', '.join(SECTIONS)}"
-            )
-        if section is None:
-            raise LLMError(f"{path}: section {name!r} is empty; give its settings, or `{name}: {{}}` for the defaults")
-    return data
+    """The params file's sections (llm.params.read_params: only SECTIONS, none empty, no key written twice)."""
+    return read_params(path, SECTIONS)
 
 
 def params_section(name: str, cls: type[T], params: dict[str, Any] | None = None) -> T:
-    """Section `name` as dataclass `cls`. Unknown keys, wrong types and the `train` keys the stage derives itself
-    (`cls.derived_train_keys`) are errors naming the key's path, e.g. `params.yaml:pretrain.train.lr`."""
-    params = load_params() if params is None else params
-    if name not in params:
-        raise LLMError(f"{PARAMS_FILE}: section {name!r} is missing")
-    section, where = params[name], f"{PARAMS_FILE}:{name}"
-    train = section.get("train") if isinstance(section, Mapping) else None
-    for key in getattr(cls, "derived_train_keys", ()):
-        if isinstance(train, Mapping) and key in train:
-            raise LLMError(f"{where}.train.{key} is set by the stage; remove it")
-    return from_mapping(cls, section, where=where)
+    """Section `name` as dataclass `cls` (llm.params.read_section), e.g. errors at `params.yaml:pretrain.train.lr`."""
+    return read_section(load_params() if params is None else params, name, cls, PARAMS_FILE)
 
 
 def tokenizer() -> tiktoken.Encoding:
@@ -102,12 +61,7 @@ def checkpoint_dir(stage: str, *identity: Any) -> Path:
 
 @contextmanager
 def tracked_run(
-    stage: str,
-    params: Mapping[str, Any],
-    checkpoints: Path,
-    *upstream: str,
-    model: Path,
-    registry: "RegistryParams",
+    stage: str, params: Mapping[str, Any], checkpoints: Path, *upstream: str, model: Path, registry: "RegistryParams",
     generation: "GenerationConfig | None" = None,
 ) -> Iterator[Tracker]:
     """The stage's tracked run, `params` logged; the body trains and saves the model folder `model`, which is then

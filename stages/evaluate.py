@@ -2,8 +2,7 @@
 
 Held-out perplexity of the base model, the classifier's test metrics, the instruction model's val loss, ROUGE-L F1
 of its test responses and of the base model's (generated as finetune_instructions does), an optional judge score.
-Each compared with its registered model's `champion` in MLflow: the scoreboard's `champion` section.
-"""
+Each compared with its registered model's `champion` in MLflow: the scoreboard's `champion` section."""
 
 from __future__ import annotations
 
@@ -12,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from llm.classifier_tuning import ClassifierTuningConfig
-from llm.data.instructions import Instruction, read_instruction_set, read_responses, split_entries
+from llm.data.instructions import read_instruction_set, read_responses, split_entries
 from llm.errors import LLMError
-from llm.evaluation import JudgeConfig, JudgeResult, Perplexity, heldout_tokens, judge, perplexity, rouge_l_f1
+from llm.evaluation import JudgeConfig, heldout_tokens, judged, perplexity, rouge_l_f1, scoreboard
 from llm.instruction_tuning import InstructConfig
 from llm.io import read_json, write_json
 from llm.model_dir import load_model
@@ -48,29 +47,11 @@ class EvaluateParams:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
-CLASSIFIER_SCORES = "accuracy", "precision", "recall", "f1", "roc_auc", "n"  # of the classifier's test metrics
-
-
-def scoreboard(held: Perplexity, val_loss: float, rouge_f1: dict[str, list[float]]) -> dict[str, Any]:
-    """The nested scores; the classifier's are its CLASSIFIER_SCORES test metrics from its stage's metrics file."""
-    test = read_json(CLASSIFIER_METRICS).get("test")
-    if not isinstance(test, dict):
+def classifier_test() -> dict[str, Any]:
+    """The classifier's test metrics from its stage's metrics file."""
+    if not isinstance(test := read_json(CLASSIFIER_METRICS).get("test"), dict):
         raise LLMError(f"{CLASSIFIER_METRICS} has no 'test' section; run: dvc repro finetune_classifier")
-    rouge = {name: sum(values) / len(values) for name, values in rouge_f1.items()}
-    return {
-        "base": {"heldout_loss": held.loss, "heldout_perplexity": held.perplexity, "rouge_l": rouge["base"]},
-        "classifier": {k: test[k] for k in CLASSIFIER_SCORES if k in test},
-        "instruct": {"val_loss": val_loss, "rouge_l": rouge["instruct"]},
-        "rouge_l_ratio": rouge["instruct"] / rouge["base"] if rouge["base"] else None,
-    }
-
-
-def judged(board: dict[str, Any], test: list[Instruction], responses: list[str], config: JudgeConfig) -> JudgeResult:
-    """The judge's verdict on the `responses`: its scores added to board["instruct"], its replies saved."""
-    verdict = judge(test, responses, config)
-    board["instruct"] |= {"judge_score": verdict.mean_score, "judge_unparseable": verdict.n_unparseable}
-    write_json(JUDGE_REPLIES, [{"score": s, "reply": r} for s, r in zip(verdict.scores, verdict.replies, strict=True)])
-    return verdict
+    return test
 
 
 def champions(tracker: Tracker, board: dict[str, Any], names: dict[str, str | None]) -> dict[str, Any]:
@@ -100,8 +81,8 @@ def main() -> None:
         val_loss = tuning.val_loss(instruct, splits, encoding)
         responses["base"] = tuning.responses(base, test, encoding)
         rouge = {n: [rouge_l_f1(r, e.output) for r, e in zip(rs, test, strict=True)] for n, rs in responses.items()}
-        board = scoreboard(held, val_loss, rouge)
-        verdict = judged(board, test, responses["instruct"], config.judge) if config.judge.url else None
+        board = scoreboard(held, val_loss, rouge, classifier_test())
+        verdict = judged(board, test, responses["instruct"], config.judge, JUDGE_REPLIES) if config.judge.url else None
         board["champion"] = champions(tracker, board, names)
         tracker.log_metrics({k: v for k, v in flatten(board).items() if v is not None})
         write_rouge_csv(ROUGE_PLOT, rouge)

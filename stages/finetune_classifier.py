@@ -61,14 +61,8 @@ def main() -> None:
         result = train(model, params.train_batches(data["train"]), config, checkpoint_dir=checkpoints, **hooks)
         model = model.cpu().eval()
         predictions, scores = params.scores(model, data)
-        reports = write_classifier_reports(
-            data["test"].examples,
-            *predictions["test"],
-            scores["test"]["confusion"],
-            classifier.labels,
-            confusion_csv=CONFUSION_CSV,
-            report_dir=REPORT_DIR,
-        )
+        test = (data["test"].examples, *predictions["test"], scores["test"]["confusion"], classifier.labels)
+        reports = write_classifier_reports(*test, confusion_csv=CONFUSION_CSV, report_dir=REPORT_DIR)
         for path, folder in zip((*reports, CONFUSION_CSV), ("reports", "plots", "plots"), strict=True):
             tracker.log_artifact(path, folder)
         training = run_summary(result, params.classifier.method, sizes, skipped)
