@@ -262,7 +262,7 @@ def classify_command(args: argparse.Namespace) -> None:
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory: base, instruct or classifier")
+    parser.add_argument("--model", required=True, help=f"a base, instruct or classifier directory, or {MODEL_URI}")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--name", default=None, help="model id clients pass as `model` (default: the directory name)")
