@@ -180,9 +180,10 @@ def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score:
     score, or when there is no champion yet; a tie, a lower score or a champion without a recorded score (an
     alias set by hand) leaves the alias alone.
 
-    Returns the comparison for the scoreboard (numbers only): version, score, champion_version and
-    champion_score (the champion before this call, when there was one) and promoted (1 or 0). None when the
-    tracker has no MLflow run, `stage` registered no version of `name`, or MLflow fails (a warning).
+    Returns the comparison for the scoreboard (numbers only): this version and its score, and the champion after
+    the call (champion_version, and champion_score when it has one recorded), so a rerun of evaluate on the same
+    inputs writes the same scoreboard. None when the tracker has no MLflow run, `stage` registered no version of
+    `name`, or MLflow fails (a warning).
     """
     if tracker.run_id is None:
         return None
@@ -209,12 +210,13 @@ def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score:
         promoted = beats and (champion is None or champion.version != version.version)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
+            comparison |= {"champion_version": int(version.version), "champion_score": score}
     except LLMError:  # `Interrupted` (SIGTERM) among them: the stage stops
         raise
     except Exception as err:
         print(f"warning: champion of {name} not updated ({type(err).__name__}: {str(err)[:300]})", file=sys.stderr)
         return None
-    return comparison | {"promoted": int(promoted)}
+    return comparison
 
 
 def resolve_model(ref: str) -> str:

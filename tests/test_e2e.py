@@ -155,8 +155,8 @@ def test_models_registered_tagged_and_the_champion_classifies_as_the_folder(
     board = json.loads((repo / "metrics/evaluate.json").read_text())
     accuracy, rouge_l = board["classifier"]["accuracy"], board["instruct"]["rouge_l"]
     assert board["champion"] == {
-        "classifier": {"version": 1, "score": accuracy, "promoted": 1},  # the first version: no champion before
-        "instruct": {"version": 1, "score": rouge_l, "promoted": 1},
+        "classifier": {"version": 1, "score": accuracy, "champion_version": 1, "champion_score": accuracy},
+        "instruct": {"version": 1, "score": rouge_l, "champion_version": 1, "champion_score": rouge_l},
     }
     assert client.get_model_version_by_alias("llm-classifier", "champion").tags["score.test_accuracy"] == str(accuracy)
     texts = ["WINNER!! Claim your free prize now, text WIN to 80086", "Are we still on for lunch tomorrow?", "ok"]

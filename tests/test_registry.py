@@ -124,16 +124,15 @@ def test_champion_moves_only_to_a_version_that_beats_it(
     with Tracker("evaluate", root=tmp_path) as tracker:  # no classifier run yet
         assert update_champion(tracker, "llm-classifier", "finetune_classifier", "test_accuracy", 0.9) is None
     logged("classifier", model_dirs, tmp_path)
-    assert evaluate(0.9) == {"version": 1, "score": 0.9, "promoted": 1}
+    assert evaluate(0.9) == {"version": 1, "score": 0.9, "champion_version": 1, "champion_score": 0.9}
     logged("classifier", model_dirs, tmp_path)
-    assert evaluate(0.8) == {"version": 2, "score": 0.8, "champion_version": 1, "champion_score": 0.9, "promoted": 0}
+    assert evaluate(0.8) == {"version": 2, "score": 0.8, "champion_version": 1, "champion_score": 0.9}
     logged("classifier", model_dirs, tmp_path)
-    assert evaluate(0.9)["promoted"] == 0  # a tie does not take the alias
+    assert evaluate(0.9)["champion_version"] == 1  # a tie does not take the alias
     assert str(client.get_model_version_by_alias("llm-classifier", "champion").version) == "1"
-    assert evaluate(0.95) == {
-        "version": 3, "score": 0.95, "champion_version": 1, "champion_score": 0.9, "promoted": 1
-    }  # fmt: skip
-    assert evaluate(0.95)["promoted"] == 0  # re-evaluating the champion keeps it
+    promoted = {"version": 3, "score": 0.95, "champion_version": 3, "champion_score": 0.95}
+    assert evaluate(0.95) == promoted
+    assert evaluate(0.95) == promoted  # re-evaluating the champion keeps it, and the same scoreboard
     champion = client.get_model_version_by_alias("llm-classifier", "champion")
     assert str(champion.version) == "3" and champion.tags["score.test_accuracy"] == "0.95"
     assert client.get_model_version("llm-classifier", "2").tags["score.test_accuracy"] == "0.8"
