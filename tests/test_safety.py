@@ -141,7 +141,8 @@ SAFETY_CASES: dict[str, Case] = {
         lambda ws: set_params(ws, "finetune_classifier.classifier.labels", ["ham", "spam", "eggs"]),
         r"label 'eggs' of classifier\.labels: no row of data/raw/sms_spam_collection\.tsv has it"),
     "labelled file with a single class": Case("finetune_classifier",
-        lambda ws: write(ws, "data/raw/sms_spam_collection.tsv", "".join(f"ham\tmessage {i}\n" for i in range(40))),
+        lambda ws: (write(ws, "data/raw/sms_spam_collection.tsv", "".join(f"ham\tmessage {i}\n" for i in range(40))),
+                    set_params(ws, "finetune_classifier.classifier.labels", None)),  # the classes from the data
         r"data/raw/sms_spam_collection\.tsv holds a single class \['ham'\]: a classifier needs at least two"),
     "instructions nested too deeply": Case("finetune_instructions",
         lambda ws: write(ws, "data/raw/instruction-data.json", "[" * 200_000 + "]" * 200_000),
