@@ -38,8 +38,14 @@ def handling(signums: Iterable[int], handler: Handler) -> Iterator[dict[int, Any
                 signal.signal(s, h)
 
 
+# Every signal `raise_interrupted` turned into `Interrupted`, in order: library code that catches `Exception` (MLflow's
+# model logging does, around its input-example check) can swallow the exception, but not this record.
+raised: list[int] = []
+
+
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    """A handler: raise `Interrupted` for the signal."""
+    """A handler: raise `Interrupted` for the signal (and record it in `raised`)."""
+    raised.append(signum)
     raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from llm import signals
 from llm.allocator import memory_tags
 from llm.errors import Interrupted, LLMError
 from llm.io import PathLike, read_json, replaced_dir, write_json
@@ -106,6 +107,7 @@ class Tracker:
         self._sigterm = contextlib.ExitStack()  # SIGTERM raises Interrupted until close
         if mlflow is None:
             mlflow = os.environ.get(MLFLOW_SWITCH_ENV, "on").lower() not in ("0", "off", "false", "no")
+        self._signals_seen = len(signals.raised)
         self._sigterm.enter_context(handling((signal.SIGTERM,), raise_interrupted))  # before the run exists
         try:
             if mlflow:
@@ -170,15 +172,17 @@ class Tracker:
 
         A SIGTERM that arrives meanwhile is held back until the run's last records are sent, then raised as
         `Interrupted` (so the stage still stops with an error) and the run ends KILLED; then the handler installed
-        before the Tracker is restored.
+        before the Tracker is restored. A SIGTERM raised during the run but caught by code in between (a library's
+        `except Exception`) also ends the run KILLED and raises `Interrupted` here.
         """
         if self.status is not None:
             return
-        self.status = status
+        swallowed = signals.raised[self._signals_seen :] if status == "FINISHED" else []
+        self.status = "KILLED" if swallowed else status  # a SIGTERM that some library caught: still a stop
         try:
             with sigterm_held_back():
                 self._send_metrics()
-                if status == "FINISHED":
+                if self.status == "FINISHED":
                     self._write_dvc_files()
                 if self._client is not None and any(key.endswith("loss") for key in self.series):
                     self._log_loss_figure()
@@ -193,6 +197,8 @@ class Tracker:
                     self._mlflow(lambda: self._client.set_terminated(self.run_id, self.status))
             finally:  # also when a SIGTERM held back during that last call raises: no handler outlives the run
                 self._sigterm.close()
+        if swallowed:
+            raise Interrupted(swallowed[0], f"stopped by {signal.Signals(swallowed[0]).name}")
 
     def __enter__(self) -> Tracker:
         return self

@@ -170,6 +170,28 @@ def test_sigterm_while_the_run_ends_is_raised_after_it_has_ended(
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_sigterm_swallowed_by_library_code_still_ends_the_run_killed_and_stops_the_stage(
+    store: str, tmp_path: Path
+) -> None:
+    """MLflow's model logging runs the input example inside `except Exception`: the `Interrupted` a SIGTERM raises
+    there never reaches the stage. The run still ends KILLED (not FINISHED), the stage stops with `Interrupted`, and
+    the DVC files of the last good run are left alone."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="SIGTERM"), Tracker("pretrain", root=tmp_path) as tracker:
+        tracker.log_metrics({"loss": 1.0}, 1)
+        try:  # what a library does
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        except Exception:
+            pass
+    assert list(runs(store)["status"]) == ["KILLED"]
+    assert not (tmp_path / "metrics" / "pretrain.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with Tracker("pretrain", root=tmp_path) as tracker:  # the next run is not stopped by the old signal
+        tracker.log_metrics({"loss": 1.0}, 1)
+    assert (tmp_path / "metrics" / "pretrain.json").is_file()
+
+
 def test_a_loss_figure_that_cannot_be_drawn_is_skipped_not_fatal_to_tracking(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

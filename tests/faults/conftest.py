@@ -170,13 +170,17 @@ def _is_stage(entry: Path, stage: str, session: int) -> bool:
     return int(fields[3]) == session and f"stages.{stage}".encode() in args
 
 
+PF_EXITING = 0x4  # linux/sched.h: the process is tearing down (a signal sent now is not acted on)
+
+
 def _alive(pid: int) -> bool:
-    """Whether `pid` is running (not exited, not a zombie waiting for its parent)."""
+    """Whether `pid` is running (not exiting, not exited, not a zombie waiting for its parent)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    state, *fields = stat[stat.rindex(")") + 2 :].split()
+    return state not in ("Z", "X") and not int(fields[4]) & PF_EXITING  # fields[4]: the 9th field, flags
 
 
 def _signal(pid: int, signum: int) -> bool:
