@@ -180,7 +180,7 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     state, *fields = stat[stat.rindex(")") + 2 :].split()
-    return state not in ("Z", "X") and not int(fields[4]) & PF_EXITING  # fields[4]: the 9th field, flags
+    return state not in ("Z", "X") and not int(fields[5]) & PF_EXITING  # fields[5]: the 9th field, flags
 
 
 def _signal(pid: int, signum: int) -> bool:
