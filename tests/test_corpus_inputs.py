@@ -70,6 +70,34 @@ def test_a_folder_of_tables_with_a_format(tmp_path: Path) -> None:
     assert [(d.source, d.text) for d in docs] == [("sub/x.jsonl:1", "a"), ("sub/x.jsonl:2", "b")]
 
 
+def test_jsonl_lines_read_like_text_files(tmp_path: Path) -> None:
+    # A BOM on any line, CRLF line ends, blank lines and (when allowed) invalid bytes: decoded like a text file's.
+    lines = [b'\xef\xbb\xbf{"text": "bom"}\r\n', b"\r\n", b" \t \n", b'{"text": "a\\r\\nb"}\r\n', b'{"text": "\xe9"}']
+    (tmp_path / "x.jsonl").write_bytes(b"".join(lines))
+    docs = list(read_documents([CorpusInput(path=str(tmp_path / "x.jsonl"))], allow_replacement=True))
+    assert [(d.source, d.text, d.size) for d in docs] == [
+        ("x.jsonl:1", "bom", 20), ("x.jsonl:4", "a\nb", 20), ("x.jsonl:5", "\ufffd", 13)
+    ]  # fmt: skip
+    (tmp_path / "y.jsonl").write_bytes(b'{"text": "a"}\r\n\xef\xbb\xbf{"text": oops}\r\n')
+    with pytest.raises(LLMError, match=r"^.*y\.jsonl:2: invalid JSON \(Expecting value at column 10\)$"):
+        list(read_documents([CorpusInput(path=str(tmp_path / "y.jsonl"))]))
+
+
+def test_an_error_in_a_later_batch_writes_nothing(tmp_path: Path, enc: tiktoken.Encoding) -> None:
+    # Batches are read one ahead of the encoding: the error still ends the run, naming its row, with no output.
+    rows = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50))
+    (tmp_path / "x.jsonl").write_text(rows + '{"text": 5}\n', encoding="utf-8")
+    out = tmp_path / "out" / "corpus.parquet"
+    with pytest.raises(LLMError, match=r"x\.jsonl:51: 'text' must be a string, got int"):
+        tokenize_corpus([CorpusInput(path=str(tmp_path / "x.jsonl"))], out, enc, batch_chars=8, progress=False)
+    assert not out.exists()
+    (tmp_path / "x.jsonl").write_text(rows, encoding="utf-8")
+    tokenize_corpus([CorpusInput(path=str(tmp_path / "x.jsonl"))], out, enc, batch_chars=8, progress=False)
+    table = pq.read_table(out).to_pylist()
+    assert [r["tokens"] for r in table] == [enc.encode_ordinary(f"row {i}") for i in range(50)]
+    assert [r["source"] for r in table] == [f"x.jsonl:{i}" for i in range(1, 51)]
+
+
 BAD = {
     "bad json": ("x.jsonl", b'{"text": "ok"}\n{"text": oops}\n', {}, r"x\.jsonl:2: invalid JSON"),
     "not an object": ("x.jsonl", b'["a"]\n', {}, r"x\.jsonl:1: expected a JSON object"),

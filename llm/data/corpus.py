@@ -129,17 +129,18 @@ def tokenize_corpus(
         atomic_path(out_path) as tmp,
         pq.ParquetWriter(tmp, schema) as writer,
         ThreadPoolExecutor(threads) as pool,
+        ThreadPoolExecutor(1) as reader,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=None if progress else True) as bar,
     ):
         documents = read_documents(inputs, allow_replacement=allow_replacement)
-        for batch in _batches(documents, batch_chars, strip_boilerplate):
+        for batch in _read_ahead(_batches(documents, batch_chars, strip_boilerplate), reader):
             n_read += len(batch)
             pieces = [split_text(doc.text, piece_chars) for doc in batch]
             flat = [p for doc in pieces for p in doc]
             size = -(-len(flat) // (4 * threads))  # a few tasks per thread: many small rows cost one task each
             encoded = chain.from_iterable(pool.map(encode_all, (flat[i : i + size] for i in range(0, len(flat), size))))
             for (source, _, size), doc_pieces in zip(batch, pieces, strict=True):
-                tokens = np.concatenate([next(encoded) for _ in doc_pieces])
+                tokens = next(encoded) if len(doc_pieces) == 1 else np.concatenate([next(encoded) for _ in doc_pieces])
                 bar.update(size)
                 if tokens.size == 0:
                     n_empty += 1
@@ -170,6 +171,18 @@ def _batches(documents: Iterable[Document], batch_chars: int, strip_boilerplate:
             yield batch
             batch, chars = [], 0
     if batch:
+        yield batch
+
+
+def _read_ahead(batches: Iterator[list[Document]], reader: ThreadPoolExecutor) -> Iterator[list[Document]]:
+    """`batches`, each read (files, parsing, boilerplate removal) on `reader` while the caller encodes the one before.
+
+    The reading holds the GIL while the encoder threads run without it, so the two overlap. A reading error is
+    raised here, when the caller asks for that batch.
+    """
+    ahead = reader.submit(next, batches, None)
+    while (batch := ahead.result()) is not None:
+        ahead = reader.submit(next, batches, None)
         yield batch
 
 

@@ -125,18 +125,25 @@ def read_documents(inputs: Sequence[CorpusInput], *, allow_replacement: bool = F
 def _jsonl_documents(path: Path, source: str, column: str, allow_replacement: bool) -> Iterator[Document]:
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             where = f"{path}:{number}"
-            try:
-                row = json.loads(decode_text(line, where, allow_replacement=allow_replacement))
-            except json.JSONDecodeError as err:
-                raise LLMError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            try:  # the usual line (UTF-8, no BOM, valid JSON) parses as it is: a CRLF at its end is JSON whitespace
+                row = json.loads(line.decode())
+            except ValueError:  # else it is decoded like a text file, for the same errors and replacements
+                if not line.strip():
+                    continue
+                row = _json_row(decode_text(line, where, allow_replacement=allow_replacement), where)
             if not isinstance(row, dict):
                 raise LLMError(f"{where}: expected a JSON object with a {column!r} key, got {type(row).__name__}")
             if column not in row:
                 raise LLMError(f"{where}: no {column!r} key (set text_column); keys: {', '.join(map(str, row))}")
             yield Document(f"{source}:{number}", _text_value(row[column], where, column), len(line))
+
+
+def _json_row(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise LLMError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _text_value(value: Any, where: str, column: str) -> str:
