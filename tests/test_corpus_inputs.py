@@ -98,6 +98,16 @@ def test_an_error_in_a_later_batch_writes_nothing(tmp_path: Path, enc: tiktoken.
     assert [r["source"] for r in table] == [f"x.jsonl:{i}" for i in range(1, 51)]
 
 
+def test_small_documents_encoded_together_encode_each_on_its_own(tmp_path: Path, enc: tiktoken.Encoding) -> None:
+    # One encoder call takes a task's pieces joined by <|endoftext|>: each must still give its own tokens, also
+    # where joined text would merge (spaces, newlines, a special token's halves); one holding it is plain text.
+    texts = ["a  ", "  b", "", "\n\n", "x<|endof", "text|>y", "end.\n", " <|endoftext|> ", "ü ", "'s"] * 3
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    rows = tokenize(tmp_path, enc, CorpusInput(path=str(tmp_path / "x.jsonl")))
+    assert [r["source"] for r in rows] == [f"x.jsonl:{i}" for i, t in enumerate(texts, 1) if t]
+    assert [r["tokens"] for r in rows] == [enc.encode_ordinary(t) for t in texts if t]
+
+
 BAD = {
     "bad json": ("x.jsonl", b'{"text": "ok"}\n{"text": oops}\n', {}, r"x\.jsonl:2: invalid JSON"),
     "not an object": ("x.jsonl", b'["a"]\n', {}, r"x\.jsonl:1: expected a JSON object"),
