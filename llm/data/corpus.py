@@ -2,8 +2,9 @@
 
 Schema (one row per non-empty document, in input order): `doc_id` int64 (0, 1, …), `source` string (file
 path relative to its input's folder, `:<line>`/`:<row>` added for a table's rows), `n_tokens` int32, `tokens`
-list<uint16>. Row groups hold about `row_group_tokens` tokens each. Memory is bounded by the text batch
-(`batch_chars`), one row group and the largest single document, whatever the size of the corpus.
+list<uint16>. Row groups hold about `row_group_tokens` tokens each. Memory is bounded by two text batches
+(`batch_chars`: one encoding, the next being read), one row group and the largest single document, whatever the
+size of the corpus.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def tokenize_corpus(
     """Tokenize every document of `corpus` (a folder of .txt files, or inputs) into the Parquet file `out_path`.
 
     The file is written atomically: an error (a bad file or row) leaves no output. Documents are read
-    `batch_chars` characters at a time, cut into `piece_chars` pieces and encoded on
+    `batch_chars` characters at a time (the next while one encodes), cut into `piece_chars` pieces and encoded on
     `num_threads` threads (default: all CPUs) exactly like `enc.encode_ordinary` (special tokens are plain text).
     Empty documents (after boilerplate removal) are skipped; a corpus with no tokens at all is an error.
     """
