@@ -8,8 +8,11 @@ inference only (no training afterwards) and change the model in place:
   are bfloat16 too.
 - quantize `int8`: weight-only quantization of every linear layer (`nn.Linear`, the vocabulary head included):
   int8 weights (out, in) and one scale per output row, symmetric (weight ≈ int8 · scale, |int8| <= 127), computed
-  by PyTorch's `aten._weight_int8pack_mm` (kernels on CPU, CUDA and MPS). Embeddings, layer norms and activations
-  stay in `dtype`, which defaults to bf16 with int8: the CPU kernel is made for bfloat16 activations.
+  by PyTorch's `aten._weight_int8pack_mm` (kernels on CPU, CUDA and MPS) for up to GEMM_ROWS - 1 rows (decoding);
+  from GEMM_ROWS rows on (a prompt, a large batch), where that kernel runs out of compute before memory, the
+  weights are converted to the activations' dtype for one F.linear GEMM and its output scaled. Embeddings, layer
+  norms and activations stay in `dtype`, which defaults to bf16 with int8: the CPU kernel is made for bfloat16
+  activations.
 
 fp32 without quantization (the defaults) leaves the model as it is.
 """
@@ -17,12 +20,14 @@ fp32 without quantization (the defaults) leaves the model as it is.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llm.errors import LLMError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZATIONS = ("int8",)
+GEMM_ROWS = 16  # Int8Linear's inputs with at least this many rows convert the weights for one GEMM
 
 
 class Int8Linear(nn.Module):
@@ -40,8 +45,11 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale.to(x.dtype))
+        rows, scale = x.reshape(-1, x.shape[-1]), self.scale.to(x.dtype)
+        if rows.shape[0] >= GEMM_ROWS:
+            y = F.linear(rows, self.weight.to(x.dtype)) * scale
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, scale)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

@@ -16,7 +16,7 @@ from llm.generate import generate
 from llm.kernels import linear
 from llm.model import GPT
 from llm.model_dir import save_model
-from llm.quantize import Int8Linear, for_inference, resolve_format
+from llm.quantize import GEMM_ROWS, Int8Linear, for_inference, resolve_format
 
 FORMATS = [("bf16", None), (None, "int8")]
 # Relative error ||logits - fp32 logits|| / ||fp32 logits|| allowed for a random small model: bf16 keeps 8 bits
@@ -82,9 +82,9 @@ def test_int8_linear_quantizes_each_row_to_its_own_scale() -> None:
     assert quantized.weight.dtype == torch.int8 and int(quantized.weight.abs().max()) == 127
     dequantized = quantized.weight.float() * quantized.scale[:, None]
     assert ((dequantized - dense.weight).abs() <= quantized.scale[:, None] / 2 + 1e-7).all()  # round to nearest
-    x = torch.randn(3, 5, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(quantized(x), F.linear(x, dequantized, dense.bias), rtol=1e-4, atol=1e-4)
+    for x in (torch.randn(3, 5, 64), torch.randn(2, GEMM_ROWS, 64)):  # the int8 kernel, and one GEMM
+        with torch.no_grad():
+            torch.testing.assert_close(quantized(x), F.linear(x, dequantized, dense.bias), rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_one_row_path_matches_f_linear() -> None:
