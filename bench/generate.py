@@ -1,17 +1,21 @@
-"""Generation throughput side by side: ours with and without the KV cache vs transformers' `generate`.
+"""Generation throughput side by side: ours in fp32, bf16 and int8 weights (and with or without the KV cache) vs
+transformers' `generate` in fp32 and bf16.
 
-Greedy decoding of exactly `--new-tokens` tokens (no early stop) at batch 1 from a short prompt, GPT-2 124M
-shape with random weights (speed does not depend on them). Ours goes through `llm.generate.generate`
-(`use_cache=True` / `False`); HF through `GPT2LMHeadModel.generate` with its default cache; `book` is the
-book's `generate_text_simple` loop (no cache). tokens/s = new tokens / wall time of the whole call.
+Greedy decoding of exactly `--new-tokens` tokens (no early stop) for `--batches` copies of a short prompt, GPT-2
+124M shape with random weights (speed does not depend on them). Ours goes through `llm.generate.generate` on a
+model converted by `llm.quantize.for_inference`; HF through `GPT2LMHeadModel.generate` with its default cache;
+`book` is the book's `generate_text_simple` loop (no cache, fp32). tokens/s = batch x new tokens / wall time of
+the whole call. The run also measures the memory-bandwidth ceiling of batch-1 decoding for each weight format.
 
-    python bench/generate.py
-    python bench/generate.py --contenders ours@best,hf@system --dtype bfloat16
-    python bench/generate.py --prompt-tokens 256        # a long prompt: the uncached path recomputes more
+    python bench/generate.py                                # fp32 / bf16 / int8 against HF, batches 1, 8, 32
+    python bench/generate.py --contenders ours-compiled@best,ours@best,ours-nocache@best,hf@system --batches 1
+    python bench/generate.py --prompt-tokens 256            # a long prompt: the uncached path recomputes more
+    python bench/generate.py --profile ours-int8            # where one batch-1 decoding call spends its time
 
-A contender is `<name>@<allocator>`: names ours, ours-compiled (`compile=True`), ours-nocache, ours-noonednn
-(every linear layer through F.linear), hf, book; allocators as in bench/harness.py. The warm-up call (20 tokens)
-is timed apart: it holds torch.compile's compilation.
+A contender is `<name>@<allocator>`: names ours (fp32), ours-bf16, ours-int8 (int8 weights, bf16 activations),
+ours-compiled (`compile=True`), ours-nocache, ours-noonednn (every fp32 linear layer through F.linear), hf,
+hf-bf16, book; allocators as in bench/harness.py. The warm-up call (20 tokens, batch 1) is timed apart: it holds
+torch.compile's compilation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
 
 import argparse
 import os
+import statistics
 import time
 from typing import Any
 
@@ -33,32 +38,44 @@ import torch
 
 from llm.config import GPTConfig, get_preset
 
-OURS = {  # name -> generation settings; ours-noonednn is an ablation (every linear layer through F.linear)
-    "ours": {},
-    "ours-compiled": {"compile": True},
-    "ours-nocache": {"use_cache": False},
-    "ours-noonednn": {},
+FP32, BF16, INT8 = ("fp32", None), ("bf16", None), ("bf16", "int8")  # (dtype, quantize) of llm.quantize
+OURS: dict[str, tuple[dict[str, Any], tuple[str, str | None]]] = {  # name -> (generation settings, format)
+    "ours": ({}, FP32),
+    "ours-bf16": ({}, BF16),
+    "ours-int8": ({}, INT8),
+    "ours-compiled": ({"compile": True}, FP32),
+    "ours-nocache": ({"use_cache": False}, FP32),
+    "ours-noonednn": ({}, FP32),  # an ablation: every fp32 linear layer through F.linear
 }
-NAMES = (*OURS, "hf", "book")
-DEFAULT_CONTENDERS = "ours-compiled@best,ours@best,ours-nocache@best,hf@system,hf@best"
+HF = {"hf": torch.float32, "hf-bf16": torch.bfloat16}
+NAMES = (*OURS, *HF, "book")
+DEFAULT_CONTENDERS = "ours@best,ours-bf16@best,ours-int8@best,hf@best,hf-bf16@best"
+BYTES_PER_WEIGHT = {"ours": 4, "ours-bf16": 2, "ours-int8": 1}  # the formats whose ceiling the report shows
 PROMPT = "Hello, I am"
 
 
 # ---- worker side -------------------------------------------------------------------------------------------
 
 
-def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
-    """A function (prompt ids, new tokens) -> generated ids for contender `name`."""
+def _generator(name: str, config: GPTConfig) -> Any:
+    """A function (prompt ids, new tokens, batch) -> the generated ids of the first row, for contender `name`."""
     if name in OURS:
         import llm.kernels
         import llm.model
         from llm.generate import generate
+        from llm.quantize import for_inference
 
         if name == "ours-noonednn":
             llm.kernels.ONEDNN_LINEAR = False
-        model = llm.model.GPT(config).to(dtype).eval()
-        return lambda ids, n: generate(model, [ids], max_new_tokens=n, temperature=0.0, **OURS[name])[0]
-    if name == "hf":
+        settings, (dtype, quantize) = OURS[name]
+        model = for_inference(llm.model.GPT(config).eval(), dtype, quantize)
+
+        def ours_generate(ids: list[int], n: int, batch: int) -> list[int]:
+            out = generate(model, [ids] * batch, max_new_tokens=n, temperature=0.0, **settings)
+            return [t for row in out for t in row]
+
+        return ours_generate
+    if name in HF:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hf_config = GPT2Config(
@@ -68,15 +85,15 @@ def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
             n_layer=config.n_layers,
             n_head=config.n_heads,
         )
-        model = GPT2LMHeadModel(hf_config).to(dtype).eval()
+        model = GPT2LMHeadModel(hf_config).to(HF[name]).eval()
         model.generation_config.eos_token_id = None  # random weights: never stop early
 
-        def hf_generate(ids: list[int], n: int) -> list[int]:
-            x = torch.tensor([ids])
+        def hf_generate(ids: list[int], n: int, batch: int) -> list[int]:
+            x = torch.tensor([ids] * batch)
             out = model.generate(
                 x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
             )
-            return out[0, len(ids) :].tolist()
+            return out[:, len(ids) :].flatten().tolist()
 
         return hf_generate
     if name == "book":
@@ -91,11 +108,11 @@ def _generator(name: str, config: GPTConfig, dtype: torch.dtype) -> Any:
             "drop_rate": 0.0,
             "qkv_bias": config.qkv_bias,
         }
-        model = book_gpt.GPTModel(cfg).to(dtype).eval()
+        model = book_gpt.GPTModel(cfg).eval()
 
-        def book_generate(ids: list[int], n: int) -> list[int]:
-            out = book_gpt.generate_text_simple(model, torch.tensor([ids]), n, config.context_length)
-            return out[0, len(ids) :].tolist()
+        def book_generate(ids: list[int], n: int, batch: int) -> list[int]:
+            out = book_gpt.generate_text_simple(model, torch.tensor([ids] * batch), n, config.context_length)
+            return out[:, len(ids) :].flatten().tolist()
 
         return book_generate
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(NAMES)}")
@@ -108,8 +125,7 @@ def worker() -> None:
         if request["op"] == "setup":
             torch.set_num_threads(request["threads"])
             torch.manual_seed(request["seed"])
-            config = get_preset(request["preset"])
-            state["generate"] = _generator(request["name"], config, getattr(torch, request["dtype"]))
+            state["generate"] = _generator(request["name"], get_preset(request["preset"]))
             from llm.tokenizer import get_tokenizer
 
             prompt = get_tokenizer().encode(PROMPT)
@@ -117,13 +133,20 @@ def worker() -> None:
             state["prompt"] = (prompt * (length // len(prompt) + 1))[:length]  # the prompt repeated to `length`
             return harness.process_info()
         if request["op"] == "ceiling":
-            return weight_streaming_ceiling(request["preset"], getattr(torch, request["dtype"]), request["threads"])
+            return weight_streaming_ceiling(request["preset"], request["threads"])
         if request["op"] == "run":
             start = time.perf_counter()
             with torch.inference_mode():
-                out = state["generate"](state["prompt"], request["new_tokens"])
+                out = state["generate"](state["prompt"], request["new_tokens"], request["batch"])
             seconds = time.perf_counter() - start
             return {"seconds": seconds, "tokens": len(out), "head": out[:8], **harness.process_info()}
+        if request["op"] == "profile":
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                state["generate"](state["prompt"], request["new_tokens"], 1)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=request["rows"])
+            return {"table": table}
         raise ValueError(f"unknown op {request['op']!r}")
 
     harness.serve(handle)
@@ -136,12 +159,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2", help="model shape (default %(default)s)")
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS, help="comma-separated NAME@ALLOCATOR")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per call (default 200)")
     parser.add_argument("--prompt-tokens", type=int, default=0, help="prompt length (default: the 4-token PROMPT)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default %(default)s)")
     parser.add_argument("--threads", type=int, default=harness.default_threads(), help="torch threads everywhere")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", metavar="NAME", help="only profile one batch-1 call of contender NAME")
     parser.add_argument("--json", help="also write all measurements to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -151,45 +175,42 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return worker()
-    contenders = args.contenders.split(",")
+    contenders = [args.profile + "@best"] if args.profile else args.contenders.split(",")
     for contender in contenders:
         if contender.partition("@")[0] not in NAMES:
             raise SystemExit(f"unknown contender {contender!r}; names: {', '.join(NAMES)}")
+    batches = [int(b) for b in args.batches.split(",")]
     info = harness.machine_info()
     prompt = f"{args.prompt_tokens}-token prompt" if args.prompt_tokens else "4-token prompt"
     print(
-        f"# Generation: {args.preset}, {args.dtype}, batch 1, {prompt}, {args.new_tokens} new tokens, "
+        f"# Generation: {args.preset}, batches {args.batches}, {prompt}, {args.new_tokens} new tokens, "
         f"{args.threads} threads\n"
     )
     harness.print_machine(info)
-    probe = harness.Worker(__file__, "ceiling", "best")  # measured under the memory set-up of ours@best
-    try:
-        ceiling = probe.call(op="ceiling", preset=args.preset, dtype=args.dtype, threads=args.threads)
-    finally:
-        probe.close()
-    print(
-        f"memory-bandwidth ceiling for cached decoding: {ceiling['tokens_per_s']:.1f} tokens/s (every linear "
-        f"layer's weights read once per token at {ceiling['gb_per_s']:.1f} GB/s, a streaming sum's rate)"
-    )
     workers = {c: harness.Worker(__file__, c, c.partition("@")[2] or "inherit") for c in contenders}
-    results: dict[str, Any] = {"machine": info, "ceiling": ceiling, "contenders": {}}
+    results: dict[str, Any] = {"machine": info, "batches": batches, "contenders": {}}
     try:
         for contender, w in workers.items():
             reply = w.call(
-                op="setup", name=contender.partition("@")[0], preset=args.preset, dtype=args.dtype,
-                seed=args.seed, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                op="setup", name=contender.partition("@")[0], preset=args.preset, seed=args.seed,
+                threads=args.threads, prompt_tokens=args.prompt_tokens,
             )  # fmt: skip
-            warm = w.call(op="run", new_tokens=min(args.new_tokens, 20))
-            results["contenders"][contender] = {"process": reply, "warmup_s": warm["seconds"], "runs": []}
+            warm = w.call(op="run", new_tokens=min(args.new_tokens, 20), batch=1)
+            results["contenders"][contender] = {"process": reply, "warmup_s": warm["seconds"], "runs": {}}
             print(f"  set up {contender}: {reply['allocator']}", flush=True)
+        if args.profile:
+            print(workers[contenders[0]].call(op="profile", new_tokens=args.new_tokens, rows=20)["table"])
+            return
+        results["ceiling"] = workers[contenders[0]].call(op="ceiling", preset=args.preset, threads=args.threads)
         for i, order in enumerate(harness.rounds(args.repeats, contenders)):
             for contender in order:
-                reply = workers[contender].call(op="run", new_tokens=args.new_tokens)
-                if reply["tokens"] != args.new_tokens:
-                    raise SystemExit(f"{contender} generated {reply['tokens']} tokens, not {args.new_tokens}")
-                entry = results["contenders"][contender]
-                entry["runs"].append(reply["tokens"] / reply["seconds"])
-                entry["process"] = reply
+                for batch in batches:
+                    reply = workers[contender].call(op="run", new_tokens=args.new_tokens, batch=batch)
+                    if reply["tokens"] != batch * args.new_tokens:
+                        raise SystemExit(f"{contender} generated {reply['tokens']} tokens, not {args.new_tokens}")
+                    entry = results["contenders"][contender]
+                    entry["runs"].setdefault(str(batch), []).append(reply["tokens"] / reply["seconds"])
+                    entry["process"] = reply
             print(f"  round {i + 1}/{args.repeats} done, load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         for w in workers.values():
@@ -199,37 +220,54 @@ def main() -> None:
     harness.write_json(args.json, results)
 
 
-def weight_streaming_ceiling(preset: str, dtype: torch.dtype, threads: int) -> dict[str, float]:
+def weight_streaming_ceiling(preset: str, threads: int) -> dict[str, float]:
     """The fastest batch-1 decoding could be if memory bandwidth were its only limit: tokens/s if a token cost
     just one read of every linear layer's weights (attention, MLP and output layer; ~500 MB for GPT-2 in fp32),
-    read at the rate of a plain streaming pass (the best of 5 sums over a buffer of that size), and that rate.
-    The driver runs it in a worker with the `best` memory set-up (huge pages speed up streaming too)."""
+    read at the rate of a plain streaming pass (the best of 5 sums over an fp32 buffer of that size), per weight
+    format (`BYTES_PER_WEIGHT`), and that rate. Run in a worker with the `best` memory set-up (huge pages speed up
+    streaming too)."""
     from llm.model import GPT
 
     torch.set_num_threads(threads)
     numel = sum(m.weight.numel() for m in GPT(get_preset(preset)).modules() if isinstance(m, torch.nn.Linear))
-    buffer = torch.ones(numel, dtype=dtype)
+    buffer = torch.ones(numel)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         buffer.sum()
         best = min(best, time.perf_counter() - start)
-    return {"tokens_per_s": 1 / best, "gb_per_s": buffer.numel() * buffer.element_size() / best / 1e9}
+    rate = numel * 4 / best
+    return {"gb_per_s": rate / 1e9, **{name: rate / (numel * size) for name, size in BYTES_PER_WEIGHT.items()}}
 
 
 def report(results: dict[str, Any]) -> None:
     print(f"\nload average after: {results['load_after']}\n")
-    speed = {c: harness.summary(e["runs"]) for c, e in results["contenders"].items()}
-    rows = [
-        [c, e["process"]["allocator"], harness.fmt_range(speed[c], 1), f"{e['warmup_s']:.1f}",
-         e["process"]["head"][:4], f"{e['process']['peak_rss_mb']:,.0f}"]
-        for c, e in results["contenders"].items()
-    ]  # fmt: skip
-    header = ["contender", "allocator", "tokens/s median (min–max)", "warm-up s", "first tokens", "peak RSS MB"]
+    ceiling = results["ceiling"]
+    print(
+        f"memory-bandwidth ceiling of batch-1 decoding (every linear layer's weights read once per token at "
+        f"{ceiling['gb_per_s']:.1f} GB/s, a streaming sum's rate): "
+        + ", ".join(f"{name} {ceiling[name]:.1f} tokens/s" for name in BYTES_PER_WEIGHT)
+        + "\n"
+    )
+    entries = results["contenders"]
+    rows = []
+    for c, e in entries.items():
+        for batch, runs in e["runs"].items():
+            s = harness.summary(runs)
+            name = c.partition("@")[0]
+            share = f"{s['median'] / ceiling[name]:.0%}" if batch == "1" and name in ceiling else ""
+            rows.append([c, batch, harness.fmt_range(s, 1), share, f"{e['warmup_s']:.1f}",
+                         e["process"]["head"][:4], f"{e['process']['peak_rss_mb']:,.0f}"])  # fmt: skip
+    header = ["contender", "batch", "tokens/s median (min–max)", "of ceiling", "warm-up s", "first tokens"]
+    header.append("peak RSS MB")
     print(harness.table(header, rows))
-    print("\nRatios (row / column), of medians and (range of per-round ratios):")
-    print(harness.ratio_table({c: e["runs"] for c, e in results["contenders"].items()}, list(speed), list(speed)))
-    results["summary"] = {c: s["median"] for c, s in speed.items()}
+    contenders = list(entries)
+    bases = [c for c in contenders if c.partition("@")[0] in ("ours", "hf", "hf-bf16")]
+    for batch in map(str, results["batches"]):
+        print(f"\nBatch {batch}: ratios (row / column), of medians and (range of per-round ratios):")
+        runs = {c: e["runs"][batch] for c, e in entries.items()}
+        print(harness.ratio_table(runs, contenders, bases or contenders))
+    results["summary"] = {c: {b: statistics.median(r) for b, r in e["runs"].items()} for c, e in entries.items()}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from llm.allocator import request_huge_pages
 from llm.errors import LLMError
@@ -70,6 +70,23 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", default=None, help="weights and activations: fp32 or bf16 (default fp32; bf16 with --quantize)"
+    )
+    parser.add_argument("--quantize", default=None, help="int8: weight-only int8 linear layers (docs/generation.md)")
+
+
+def _load_for_inference(args: argparse.Namespace, load: Callable[..., Any], *load_args: Any, **load_kwargs: Any) -> Any:
+    """load(*load_args, device=the --device, **load_kwargs) converted to --dtype / --quantize (checked first, so a
+    bad value fails before the model loads)."""
+    from llm.device import resolve_device
+    from llm.quantize import for_inference, resolve_format
+
+    dtype, quantize = resolve_format(args.dtype, args.quantize)
+    return for_inference(load(*load_args, device=resolve_device(args.device), **load_kwargs), dtype, quantize)
+
+
 MODEL_URI = "a registered model, models:/NAME/VERSION or models:/NAME@ALIAS"
 COMPILE_HELP = "torch.compile the decoding steps: a slower start (compiling on first use), then faster tokens"
 
@@ -86,6 +103,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=unset, help="nucleus sampling: smallest set with mass >= p")
     parser.add_argument("--seed", type=int, default=unset, help="random seed for reproducible samples")
     parser.add_argument("--compile", action="store_true", default=unset, help=COMPILE_HELP)
+    _weights_arguments(parser)
     _device_argument(parser)
 
 
@@ -94,7 +112,6 @@ def generate_command(args: argparse.Namespace) -> None:
     import dataclasses
     from itertools import takewhile
 
-    from llm.device import resolve_device
     from llm.generate import FINISHED, GenerationConfig, decode_stream, stream
     from llm.hf import load_any
     from llm.registry import resolve_model
@@ -103,7 +120,7 @@ def generate_command(args: argparse.Namespace) -> None:
     fields = {field.name for field in dataclasses.fields(GenerationConfig)}
     settings = GenerationConfig(**{key: value for key, value in vars(args).items() if key in fields})
     tokenizer = get_tokenizer()
-    model = load_any(resolve_model(args.model), device=resolve_device(args.device))
+    model = _load_for_inference(args, load_any, resolve_model(args.model))
     has_eot = model.config.vocab_size > EOT_ID
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [EOT_ID]
     tokens = (int(step[0]) for step in stream(model, [prompt], settings, eos_id=EOT_ID if has_eot else None))
@@ -164,6 +181,7 @@ def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    _weights_arguments(parser)
     _device_argument(parser)
 
 
@@ -171,7 +189,6 @@ def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
 def instruct_command(args: argparse.Namespace) -> None:
     from llm.chat import Message, fit_context
     from llm.data.instructions import Instruction, respond
-    from llm.device import resolve_device
     from llm.generate import GenerationConfig
     from llm.hf import load_any
     from llm.registry import resolve_model
@@ -180,7 +197,7 @@ def instruct_command(args: argparse.Namespace) -> None:
     if (args.instruction is None) != args.chat or (args.system is not None and not args.chat):
         raise LLMError("give an INSTRUCTION, or --chat (optionally with --system) for a conversation")
     settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, seed=args.seed, compile=args.compile)
-    model, tokenizer = load_any(resolve_model(args.model), device=resolve_device(args.device)), get_tokenizer()
+    model, tokenizer = _load_for_inference(args, load_any, resolve_model(args.model)), get_tokenizer()
     if not args.chat:
         print(respond(model, [Instruction(args.instruction, args.input, "")], tokenizer, settings, progress=False)[0])
         return
@@ -225,13 +242,13 @@ def _classify_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--file", default=None, help="read texts from a UTF-8 file, one per line (blank lines skipped)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    _weights_arguments(parser)
     _device_argument(parser)
 
 
 @command("classify", "label texts with a fine-tuned classifier; prints label<TAB>probability", _classify_arguments)
 def classify_command(args: argparse.Namespace) -> None:
     from llm.classifier import classify, load_classifier
-    from llm.device import resolve_device
     from llm.io import read_utf8
     from llm.registry import resolve_model
     from llm.tokenizer import get_tokenizer
@@ -256,7 +273,7 @@ def classify_command(args: argparse.Namespace) -> None:
         if not texts:
             raise LLMError(f"no texts to classify in {args.file or 'stdin'}")
     base = args.base and resolve_model(args.base)
-    model = load_classifier(resolve_model(args.model), base=base, device=resolve_device(args.device))
+    model = _load_for_inference(args, load_classifier, resolve_model(args.model), base=base)
     for label, probability in classify(model, texts, get_tokenizer(), batch_size=args.batch_size):
         print(f"{label}\t{probability:.4f}")
 
@@ -271,6 +288,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens, and the default (1024)")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _weights_arguments(parser)
     _device_argument(parser)
 
 
@@ -282,6 +300,7 @@ def serve_command(args: argparse.Namespace) -> None:
     import os
 
     from llm.device import resolve_device
+    from llm.quantize import resolve_format
     from llm.serve.app import Limits
     from llm.serve.server import serve
 
@@ -289,6 +308,7 @@ def serve_command(args: argparse.Namespace) -> None:
         raise LLMError("--max-batch, --max-tokens, --max-body-bytes and --threads must be positive")
     if not 0 <= args.port <= 65535:
         raise LLMError(f"--port must be in 0..65535, got {args.port}")
+    dtype, quantize = resolve_format(args.dtype, args.quantize)
     limits = Limits(args.max_tokens, args.max_body_bytes, args.api_key or os.environ.get(API_KEY_ENV) or None)
     if args.threads:
         import torch
@@ -296,7 +316,7 @@ def serve_command(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     serve(args.model, host=args.host, port=args.port, name=args.name, max_batch=args.max_batch, limits=limits,
-          device=device)  # fmt: skip
+          device=device, dtype=dtype, quantize=quantize)  # fmt: skip
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:

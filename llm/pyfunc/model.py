@@ -8,9 +8,12 @@ imports MLflow. `llm.registry.log_model` logs it; `model_config["kind"]` says wh
 - instruct: `instruction` and optional `input` → `response` (Alpaca prompt, greedy by default).
 - base: `text` (a prompt; empty starts from <|endoftext|>) → `continuation` (the generated text after the prompt).
 
-Generation settings come through predict's `params` (max_new_tokens, temperature, top_k, top_p, seed), declared
-with their defaults in the signature's params schema. Artifacts: `model` (the model directory), `base` (a
-classifier's base model directory) and `tokenizer` (the GPT-2 ranks file, so serving works offline).
+`model_config["dtype"]` and `model_config["quantize"]` (optional; override them when loading, e.g.
+`mlflow.pyfunc.load_model(uri, model_config={"quantize": "int8"})`) choose the inference weight format
+(llm.quantize.for_inference: fp32 by default, bf16, int8). Generation settings come through predict's `params`
+(max_new_tokens, temperature, top_k, top_p, seed), declared with their defaults in the signature's params schema.
+Artifacts: `model` (the model directory), `base` (a classifier's base model directory) and `tokenizer` (the GPT-2
+ranks file, so serving works offline).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from llm.data.instructions import Instruction, respond
 from llm.device import resolve_device
 from llm.generate import GenerationConfig, generate
 from llm.hf import load_any
+from llm.quantize import for_inference
 from llm.tokenizer import EOT_ID, get_tokenizer
 
 GENERATION_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
@@ -39,9 +43,11 @@ class LLMModel(PythonModel):
         self.kind: str = context.model_config["kind"]
         self.tokenizer = get_tokenizer(artifacts.get("tokenizer"))
         if self.kind == "classifier":
-            self.model: Any = load_classifier(artifacts["model"], base=artifacts["base"], device=device)
+            model: Any = load_classifier(artifacts["model"], base=artifacts["base"], device=device)
         else:
-            self.model = load_any(artifacts["model"], device=device)
+            model = load_any(artifacts["model"], device=device)
+        config = context.model_config
+        self.model = for_inference(model, config.get("dtype"), config.get("quantize"))
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -18,6 +18,7 @@ from llm.classifier import META_FILE, load_classifier
 from llm.hf import load_any
 from llm.io import read_json
 from llm.model_dir import CONFIG_FILE
+from llm.quantize import for_inference
 from llm.registry import resolve_model
 
 Kind = Literal["base", "instruct", "classifier"]
@@ -47,11 +48,18 @@ def model_kind(directory: Path) -> Kind:
     return "base"
 
 
-def load_served(source: str, *, name: str | None = None, device: torch.device | str = "cpu") -> ServedModel:
+def load_served(
+    source: str,
+    *,
+    name: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str | None = None,
+    quantize: str | None = None,
+) -> ServedModel:
     """The model at `source` (a model directory, a GPT-2 hub name or a `models:/` URI), named `name` (default: the
-    directory's name, or the URI)."""
+    directory's name, or the URI), in the weight format `dtype` / `quantize` (llm.quantize.for_inference)."""
     path = Path(resolve_model(source))
     kind = model_kind(path) if path.is_dir() else "base"
     model = load_classifier(path, device=device) if kind == "classifier" else load_any(str(path), device=device)
     default = source if source.startswith("models:/") else path.name or source
-    return ServedModel(name or default, kind, model)
+    return ServedModel(name or default, kind, for_inference(model, dtype, quantize))

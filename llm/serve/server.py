@@ -23,11 +23,14 @@ def serve(
     max_batch: int = 8,
     limits: Limits | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
+    quantize: str | None = None,
 ) -> None:
-    """Serve the model at `source` on http://host:port/v1 (see docs/serving.md); returns after a clean shutdown."""
+    """Serve the model at `source` on http://host:port/v1 (see docs/serving.md); returns after a clean shutdown.
+    dtype, quantize: the inference weight format (llm.quantize.for_inference)."""
     import uvicorn
 
-    served = load_served(source, name=name, device=device)
+    served = load_served(source, name=name, device=device, dtype=dtype, quantize=quantize)
     tokenizer = get_tokenizer()
     engine = _engine(served, tokenizer, max_batch)
     app = build_app(served, tokenizer, engine, limits or Limits())

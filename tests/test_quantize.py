@@ -1,0 +1,167 @@
+"""Inference weight formats (llm.quantize): bf16 and int8 against fp32, and the --dtype / --quantize options of the
+CLI, the server's loader and the MLflow pyfunc."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm import cli
+from llm.config import GPTConfig, get_preset
+from llm.errors import LLMError
+from llm.generate import generate
+from llm.kernels import linear
+from llm.model import GPT
+from llm.model_dir import save_model
+from llm.quantize import GEMM_ROWS, Int8Linear, for_inference, resolve_format
+
+FORMATS = [("bf16", None), (None, "int8")]
+# Relative error ||logits - fp32 logits|| / ||fp32 logits|| allowed for a random small model: bf16 keeps 8 bits
+# of mantissa (relative rounding 2^-9 per weight and activation), int8 per-row weights 1/254 of the row's largest
+# weight, on top of bf16 activations; errors of independent roundings partly cancel in every dot product.
+TOLERANCE = {"bf16": 2e-2, "int8": 4e-2}
+
+
+@pytest.fixture(scope="module")
+def random_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(get_preset("cpu-tiny", vocab_size=256, context_length=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def cycle_model() -> tuple[GPT, torch.Tensor]:
+    """A tiny model trained until it continues the cycle 0, 5, 10, ... (mod 32) with wide logit margins, so every
+    format's greedy tokens must equal fp32's; and that sequence."""
+    torch.manual_seed(0)
+    vocab = 32
+    model = GPT(GPTConfig(vocab_size=vocab, context_length=24, emb_dim=32, n_heads=2, n_layers=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sequence = torch.arange(100) * 5 % vocab
+    for _ in range(60):
+        batch = torch.stack([sequence[s : s + 17] for s in torch.randint(0, 100 - 17, (8,)).tolist()])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), sequence
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), FORMATS)
+def test_logits_are_close_to_fp32(random_model: GPT, dtype: str | None, quantize: str | None) -> None:
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = random_model(ids)
+        logits = for_inference(copy.deepcopy(random_model), dtype, quantize)(ids)
+    assert logits.dtype == torch.bfloat16
+    error = (logits.float() - reference).norm() / reference.norm()
+    assert error < TOLERANCE[quantize or dtype], float(error)
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), FORMATS)
+@pytest.mark.parametrize("rows", [1, 2])  # one row: the bf16 matrix-vector path; two: the GEMM kernels
+def test_greedy_tokens_equal_fp32(cycle_model: tuple[GPT, torch.Tensor], dtype: str | None, quantize: str | None,
+                                  rows: int) -> None:  # fmt: skip
+    model, sequence = cycle_model
+    prompts = [sequence[:5].tolist(), sequence[10:13].tolist()][:rows]
+    expected = [sequence[5:21].tolist(), sequence[13:29].tolist()][:rows]
+    assert generate(model, prompts, max_new_tokens=16, temperature=0.0) == expected  # the model learned the cycle
+    converted = for_inference(copy.deepcopy(model), dtype, quantize)
+    assert generate(converted, prompts, max_new_tokens=16, temperature=0.0) == expected
+    assert generate(converted, prompts, max_new_tokens=16, temperature=0.0, use_cache=False) == expected
+
+
+def test_int8_linear_quantizes_each_row_to_its_own_scale() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 8)
+    with torch.no_grad():
+        dense.weight[3] *= 100  # one row far larger than the rest: per-row scales keep the others precise
+    quantized = Int8Linear(dense, torch.float32)
+    assert quantized.weight.dtype == torch.int8 and int(quantized.weight.abs().max()) == 127
+    dequantized = quantized.weight.float() * quantized.scale[:, None]
+    assert ((dequantized - dense.weight).abs() <= quantized.scale[:, None] / 2 + 1e-7).all()  # round to nearest
+    for x in (torch.randn(3, 5, 64), torch.randn(2, GEMM_ROWS, 64)):  # the int8 kernel, and one GEMM
+        with torch.no_grad():
+            torch.testing.assert_close(quantized(x), F.linear(x, dequantized, dense.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_one_row_path_matches_f_linear() -> None:
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16(), torch.randn(1, 1, 64).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(linear(x, weight, None), F.linear(x, weight), rtol=1e-2, atol=1e-2)
+
+
+def test_fp32_default_leaves_the_model_as_it_is(random_model: GPT) -> None:
+    model = copy.deepcopy(random_model)
+    assert for_inference(model) is model
+    after, before = model.state_dict(), random_model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def test_int8_replaces_every_linear_layer_and_keeps_the_embedding(random_model: GPT) -> None:
+    model = for_inference(copy.deepcopy(random_model), quantize="int8")
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * 2 + 1  # 4 per block and the head
+    assert model.tok_emb.weight.dtype == torch.bfloat16  # activations (and the KV cache) in bf16 by default
+    assert for_inference(copy.deepcopy(random_model), "fp32", "int8").tok_emb.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantize", "message"),
+    [("fp16", None, "unknown inference dtype 'fp16': choose fp32, bf16"), (None, "int4", "choose int8")],
+)
+def test_bad_formats_are_refused(dtype: str | None, quantize: str | None, message: str) -> None:
+    with pytest.raises(LLMError, match=message):
+        resolve_format(dtype, quantize)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("quantize") / "tiny"
+    save_model(GPT(GPTConfig(context_length=24, emb_dim=16, n_heads=2, n_layers=1)), path)
+    return path
+
+
+@pytest.mark.parametrize("options", [["--dtype", "bf16"], ["--quantize", "int8"], ["--dtype", "fp32"]])
+def test_cli_generate_accepts_the_formats(model_dir: Path, options: list[str], capsys: pytest.CaptureFixture) -> None:
+    args = ["generate", "--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0"]
+    assert cli.main([*args, *options]) == 0
+    assert capsys.readouterr().out.startswith("Hi")
+
+
+@pytest.mark.parametrize("command", ["generate", "instruct", "classify", "serve"])
+def test_cli_refuses_a_bad_format_in_one_line(command: str, capsys: pytest.CaptureFixture) -> None:
+    args = {"generate": ["--model", "x", "--prompt", "p"], "instruct": ["do"], "classify": ["a text"]}
+    args["serve"] = ["--model", "x"]
+    assert cli.main([command, *args[command], "--quantize", "int4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown quantization 'int4': choose int8 (or none)"]
+
+
+def test_served_and_pyfunc_models_take_the_format(model_dir: Path) -> None:
+    pytest.importorskip("mlflow")
+    import importlib.util
+
+    from mlflow.pyfunc import PythonModelContext
+
+    from llm.serve.loading import load_served
+
+    served = load_served(str(model_dir), dtype="bf16")
+    assert served.model.tok_emb.weight.dtype == torch.bfloat16
+    spec = importlib.util.spec_from_file_location("llm_pyfunc_model", Path(cli.__file__).parent / "pyfunc" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pyfunc = module.LLMModel()
+    pyfunc.load_context(PythonModelContext({"model": str(model_dir)}, {"kind": "base", "quantize": "int8"}))
+    assert isinstance(pyfunc.model.lm_head, Int8Linear)
+    import pandas as pd
+
+    out = pyfunc.predict(None, pd.DataFrame({"text": ["Hello"]}), {"max_new_tokens": 2, "temperature": 0.0})
+    assert list(out.columns) == ["continuation"]
