@@ -2,7 +2,8 @@
 
 Files and directories written here get the modes the umask gives (0644 and 0755 under umask 022), not the 0600
 and 0700 of Python's temporary files; a disk that fills up while writing is an LLMError naming the file and the
-space left, and leaves no half-written file behind.
+space left, and leaves no half-written file behind. Within `outputs_together` (a stage's whole run) the new files
+and folders replace their targets all at once, at the end, and only if the block succeeds.
 """
 
 from __future__ import annotations
@@ -15,14 +16,103 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llm.errors import LLMError
+from llm.signals import STOP_SIGNALS, held_back
 
 PathLike = str | os.PathLike[str]
 _DISK_FULL_MESSAGES = ("unexpected pos", "os error 28")  # torch.save's and safetensors' words for ENOSPC
+
+
+class _Pending:
+    """What `outputs_together` will swap in: target -> its finished temporary file or folder, in write order; and
+    what to do once they are in place."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[Path, Path] = {}
+        self.after: list[Callable[[], None]] = []
+
+    def hold(self, target: Path, new: Path) -> bool:
+        """Keep `new` for `target` (True), unless `target` lies in a folder being built (a `.tmp` folder of ours:
+        that folder's own swap carries it; False)."""
+        if any(part.endswith(".tmp") for part in target.parent.parts):
+            return False
+        key = Path(os.path.abspath(target))
+        if (earlier := self.outputs.pop(key, None)) is not None:  # the same output written again: the last wins
+            _remove(earlier)
+        self.outputs[key] = new
+        return True
+
+
+_pending: _Pending | None = None
+
+
+@contextlib.contextmanager
+def outputs_together() -> Iterator[None]:
+    """Within the block `atomic_path` and `replaced_dir` write their files and folders in full but leave them
+    beside their targets; when the block succeeds they all take their targets' places at once (SIGINT and SIGTERM
+    held back for those renames), then the `after_commit` actions run. When it fails, or the process is killed,
+    every target is left as it was (a killed run's leftovers go with the next write of the same target). Until
+    then `staged(path)` is where a target's new contents are. A nested block belongs to the outer one."""
+    global _pending
+    if _pending is not None:
+        yield
+        return
+    _pending = pending = _Pending()
+    try:
+        yield
+    except BaseException:
+        for new in pending.outputs.values():
+            _remove(new)
+        raise
+    finally:
+        _pending = None
+    with held_back(STOP_SIGNALS):
+        for target, new in pending.outputs.items():
+            _swap_in(new, target)
+    for action in pending.after:
+        action()
+
+
+def after_commit(action: Callable[[], None]) -> None:
+    """Run `action` once the outputs of the enclosing `outputs_together` are in place (at once outside one)."""
+    if _pending is None:
+        action()
+    else:
+        _pending.after.append(action)
+
+
+def staged(path: PathLike) -> Path:
+    """Where the new contents of output `path` are: `path` itself, or its temporary while `outputs_together` holds
+    them back."""
+    found = _pending.outputs.get(Path(os.path.abspath(path))) if _pending is not None else None
+    return found if found is not None else Path(path)
+
+
+@contextlib.contextmanager
+def as_written(path: PathLike) -> Iterator[Path]:
+    """`path` as this process last wrote it, under its own name: the path itself, or, while `outputs_together`
+    holds it back, a hard-linked copy of the new contents in a temporary folder beside it (for readers that take
+    the name from the path, such as MLflow's artifact logging)."""
+    target, new = Path(path), staged(path)
+    if new == target:
+        yield target
+        return
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.view.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    holder = temporary_dir(target.parent, f".{target.name}.view.")
+    try:
+        view = holder / target.name
+        if new.is_dir():
+            shutil.copytree(new, view, copy_function=os.link)
+        else:
+            os.link(new, view)
+        yield view
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -41,17 +131,19 @@ def atomic_path(path: PathLike, *, needed: int | None = None) -> Iterator[Path]:
             stale.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, held = Path(tmp_name), False
     try:
         with disk_full_is_an_error(target, tmp, needed):
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         tmp.chmod(0o666 & ~umask())  # mkstemp made it 0600
-        os.replace(tmp, target)
+        held = _pending is not None and _pending.hold(target, tmp)
+        if not held:
+            _swap_in(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
+        if not held:
+            tmp.unlink(missing_ok=True)
 
 
 def temporary_dir(parent: Path, prefix: str) -> Path:
@@ -80,20 +172,39 @@ def replaced_dir(path: PathLike) -> Iterator[Path]:
         os.replace(previous, target)
     for stale in [previous, *target.parent.glob(f".{glob.escape(target.name)}.{'?' * 8}.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = temporary_dir(target.parent, f".{target.name}.")
+    tmp, held = temporary_dir(target.parent, f".{target.name}."), False
     try:
         yield tmp
         for written in tmp.rglob("*"):
             if written.is_file():
                 with open(written, "rb") as f:
                     os.fsync(f.fileno())
+        held = _pending is not None and _pending.hold(target, tmp)
+        if not held:
+            _swap_in(tmp, target)
+    finally:
+        if not held:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename the finished file or folder `new` onto `target` (a folder: the old one goes aside, then away)."""
+    if new.is_dir():
+        previous = target.parent / f".{target.name}.previous.tmp"
         if target.exists():
             os.replace(target, previous)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(previous, ignore_errors=True)
+        os.replace(new, target)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(new, target)
     _fsync_dir(target.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -3,14 +3,14 @@
 
 - `log_model` logs the model directory a training stage wrote (safetensors, never a pickle) to the stage's run as
   an MLflow pyfunc model (the code is `llm/pyfunc/model.py`), with a signature and an input example, and registers
-  a version of `RegistryParams.name` tagged `git.commit`, `git.dirty`, `dvc.exp_name`, `dvc.stage` and
-  `dvc.deps.<path>` (the md5 DVC records in dvc.lock for each of the stage's deps).
+  a version of `RegistryParams.name` tagged `git.commit`, `git.dirty`, `dvc.exp_name`, `dvc.stage` and whatever
+  tags the caller adds (the stages add `dvc.deps.<path>`: stages.common.dvc_deps_tags).
 - `update_champion` (evaluate) moves the alias `champion` to an evaluated version that beats the current champion.
 - `resolve_model` turns `models:/<name>/<version>` or `models:/<name>@<alias>` into a local model directory (one
   download per version, to `$LLM_MODEL_CACHE`, default `~/.cache/llm/models`); the CLI reads every `--model`
   through it. The store is `llm.mlflow_store.tracking_uri()`.
 
-MLflow and DVC are imported only inside the functions that need them.
+MLflow is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 Kind = Literal["base", "classifier", "instruct"]
 DEFAULT_NAMES: dict[str, str] = {"base": "llm-base", "classifier": "llm-classifier", "instruct": "llm-instruct"}
 CHAMPION = "champion"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a registered model's name: safe in models:/ URIs
 SCHEME = "models:/"
 CODE_FILE = Path(__file__).parent / "pyfunc" / "model.py"
 CACHE_ENV = "LLM_MODEL_CACHE"
@@ -58,6 +61,10 @@ class RegistryParams:
     log_model: bool = True
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.name is not None and not NAME.fullmatch(self.name):
+            raise LLMError(f"registry.name {self.name!r}: use letters, digits, '.', '_' and '-' (it goes in URIs)")
+
     def log(self, tracker: Tracker, kind: Kind, model_dir: str | os.PathLike[str], **options: Any) -> str | None:
         """`log_model(tracker, kind, model_dir, self, **options)`, for code that holds the params but does not
         import this module (stages.common, which every stage imports, logs the training stages' models so)."""
@@ -73,6 +80,7 @@ def log_model(
     base_dir: str | os.PathLike[str] | None = None,
     tokenizer_file: str | os.PathLike[str] | None = None,
     generation: GenerationConfig | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> str | None:
     """Log `model_dir` to `tracker`'s run as a pyfunc model and register it; returns the new version, or None when
     `registry.log_model` is off or the tracker has no MLflow run.
@@ -80,6 +88,7 @@ def log_model(
     kind: base or instruct (`model_dir` is a model directory) or classifier (a classifier directory; `base_dir`, its
     base model, is logged with it). tokenizer_file: the GPT-2 ranks file, logged so the model serves offline.
     generation: the default generation settings of base and instruct models (GenerationConfig's by default).
+    tags: more tags for the registered version.
     A failing MLflow call is a warning, as for the tracker: the stage's outputs are written already.
     """
     if not registry.log_model or tracker.run_id is None:
@@ -107,7 +116,7 @@ def log_model(
             "git.dirty": run_tags.get("git.dirty", ""),
             "dvc.exp_name": run_tags.get("dvc.exp_name", ""),
             "dvc.stage": tracker.stage,
-        } | {f"dvc.deps.{path}": md5 for path, md5 in stage_deps_md5(tracker.stage, tracker.root).items()}
+        } | dict(tags or {})
         info = mlflow.models.Model.log(
             artifact_path=None,
             name=ARTIFACT_PATH,
@@ -151,27 +160,6 @@ def signature(kind: Kind, generation: GenerationConfig | None = None) -> Any:
     params = ParamSchema([ParamSpec(key, dtype, defaults[key]) for key, dtype in types.items()])
     output = "response" if kind == "instruct" else "continuation"
     return ModelSignature(Schema(inputs), Schema([ColSpec("string", output)]), params)
-
-
-def stage_deps_md5(stage: str, root: str | os.PathLike[str] = ".") -> dict[str, str]:
-    """The md5 DVC computes for each file or directory dep of `stage` (what `dvc.lock` records once the stage
-    succeeds; a directory's ends in `.dir`); {} when `root` has no dvc.yaml, or with a warning when DVC fails."""
-    if not (Path(root) / "dvc.yaml").is_file():
-        return {}
-    try:
-        from dvc.dependency.param import ParamsDependency
-        from dvc.repo import Repo
-
-        with Repo(str(root)) as repo:
-            (found,) = repo.stage.collect(stage)
-            return {
-                str(dep.def_path): dep.get_hash().value
-                for dep in found.deps
-                if not isinstance(dep, ParamsDependency) and dep.exists
-            }
-    except Exception as err:
-        print(f"warning: no dvc.deps tags ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
-        return {}
 
 
 def update_champion(tracker: Tracker, name: str, stage: str, metric: str, score: float) -> dict[str, float] | None:

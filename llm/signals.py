@@ -1,13 +1,15 @@
 """Signal handling, written once: `handling` installs a handler for a block and restores the previous ones.
 
 The behaviours built on it: `stop_requested` (training finishes its step on the first SIGINT/SIGTERM),
-`raise_interrupted` and `sigterm_held_back` (tracking ends its MLflow run KILLED, never mid-call) and
+`raise_interrupted`, `held_back` and `sigterm_held_back` (tracking ends its MLflow run KILLED, never mid-call;
+a stage's outputs are swapped in together) and
 `relay_to` (the pipeline wrapper passes SIGTERM on to its child). Python installs handlers in the main thread
 only: elsewhere every block here changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -65,18 +67,25 @@ def stop_requested() -> Iterator[list[int]]:
 
 
 @contextmanager
-def sigterm_held_back() -> Iterator[None]:
-    """Within the block a SIGTERM is only recorded; when the block ends it goes to the handler the block replaced
-    (`raise_interrupted` raises; an enclosing block records it in turn). Signal masks would not do: torch's worker
-    threads would take the signal instead."""
+def held_back(signums: Iterable[int]) -> Iterator[None]:
+    """Within the block these signals are only recorded; when the block ends the first to arrive goes to the
+    handler the block replaced (`raise_interrupted` raises; an enclosing block records it in turn). Signal masks
+    would not do: torch's worker threads would take the signal instead."""
     arrived: list[int] = []
-    with handling((signal.SIGTERM,), lambda signum, frame: arrived.append(signum)) as replaced:
+    with handling(signums, lambda signum, frame: arrived.append(signum)) as replaced:
         yield
-    previous = replaced.get(signal.SIGTERM)
-    if arrived and callable(previous):
-        previous(signal.SIGTERM, None)
-    elif arrived and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGTERM)
+    if not arrived:
+        return
+    previous = replaced.get(arrived[0])
+    if callable(previous):
+        previous(arrived[0], None)
+    elif previous == signal.SIG_DFL:
+        signal.raise_signal(arrived[0])
+
+
+def sigterm_held_back() -> contextlib.AbstractContextManager[None]:
+    """`held_back` for SIGTERM (tracking: a run's MLflow calls are never cut in the middle)."""
+    return held_back((signal.SIGTERM,))
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from typing import Any
 from llm import signals
 from llm.allocator import memory_tags
 from llm.errors import Interrupted, LLMError
-from llm.io import PathLike, read_json, replaced_dir, write_json
+from llm.io import PathLike, as_written, read_json, replaced_dir, write_json
 from llm.mlflow_store import (
     PROCESS_TAG,
     end_orphaned_runs,
@@ -165,7 +165,8 @@ class Tracker:
 
     def log_artifact(self, path: PathLike, artifact_path: str | None = None) -> None:
         """A local file or directory as an artifact (MLflow only)."""
-        self._mlflow(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+        with as_written(path) as written:  # an output the stage has written, not yet swapped in (llm.io)
+            self._mlflow(lambda: self._client.log_artifact(self.run_id, str(written), artifact_path))
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush, attach the loss curve, and end the MLflow run with `status` (FINISHED, FAILED or KILLED).

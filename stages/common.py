@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tiktoken
 
 from llm.errors import LLMError
+from llm.io import after_commit, as_written, outputs_together
 from llm.params import read_params, read_section
 from llm.signals import STOP_SIGNALS
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker
+from stages.lineage import MODEL_KINDS, dvc_deps_tags
 
 if TYPE_CHECKING:
     from llm.generate import GenerationConfig
-    from llm.registry import Kind, RegistryParams
+    from llm.registry import RegistryParams
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
@@ -33,9 +35,6 @@ RAW, WINDOWS, RANKS_FILE = Path("data/raw"), Path("data/windows"), Path("data/ra
 BASE_MODEL, INSTRUCT_MODEL = Path("models/base"), Path("models/instruct")
 RESPONSES, CLASSIFIER_METRICS = Path("reports/responses.json"), Path("metrics/finetune_classifier.json")
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>/: git-ignored, never a DVC out (DVC never deletes them)
-# The kind of model each training stage saves, as llm.registry logs and registers it in MLflow.
-MODEL_KINDS: dict[str, "Kind"] = {"pretrain": "base", "finetune_classifier": "classifier"}
-MODEL_KINDS["finetune_instructions"] = "instruct"
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -66,14 +65,16 @@ def tracked_run(
 ) -> Iterator[Tracker]:
     """The stage's tracked run, `params` logged; the body trains and saves the model folder `model`, which is then
     logged to the run and registered as `registry` says (llm.registry.log_model: a classifier with models/base,
-    base and instruct models with `generation` as their default), and `checkpoints` are deleted."""
+    base and instruct models with `generation` as their default; tagged with dvc_deps_tags), and `checkpoints` are
+    deleted once the stage's outputs are in place."""
     with Tracker(stage, upstream=upstream) as tracker:
         tracker.log_params(params)
         yield tracker
-        kind = MODEL_KINDS[stage]
+        kind, tags = MODEL_KINDS[stage], dvc_deps_tags(stage) if registry.log_model else {}  # for the registry
         base = BASE_MODEL if kind == "classifier" else None
-        registry.log(tracker, kind, model, base_dir=base, tokenizer_file=RANKS_FILE, generation=generation)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+        with as_written(model) as new:  # the new model, which takes its place when the stage ends
+            registry.log(tracker, kind, new, base_dir=base, tokenizer_file=RANKS_FILE, generation=generation, tags=tags)
+    after_commit(lambda: shutil.rmtree(checkpoints, ignore_errors=True))
 
 
 def summary(stage: str, values: Mapping[str, float], *outs: Path) -> None:
@@ -83,12 +84,12 @@ def summary(stage: str, values: Mapping[str, float], *outs: Path) -> None:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's `main`; an LLMError or an interrupt becomes one line on stderr and exit status 1 (no
-    traceback). Then SIGINT and SIGTERM get their default actions back: one arriving during exit kills the
-    process (a handler raising `Interrupted` there would print a traceback from an exit hook, with status 0)."""
+    """Run a stage's `main`; an LLMError or an interrupt is one line on stderr and exit status 1 (no traceback).
+    Then SIGINT and SIGTERM get their default actions back: one arriving during exit kills the process."""
     try:
         try:
-            main()
+            with outputs_together():  # every output of the stage changes at once, at the end, and only on success
+                main()
         finally:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)

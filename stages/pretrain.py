@@ -59,8 +59,7 @@ def main() -> None:
     described = {**run_params, "architecture": model.config.to_dict()}
     logged = {**described, "data": {k: meta.get(k) for k in DATA_KEYS}, "n_params": model.num_parameters()}
     logged["checkpoint_dir"] = str(checkpoints)
-    upstream = ("fetch", "tokenize", "sample")
-    with tracked_run("pretrain", logged, checkpoints, *upstream, model=BASE_MODEL, registry=stage.registry) as tracker:
+    with tracked_run("pretrain", logged, checkpoints, model=BASE_MODEL, registry=stage.registry) as tracker:
         tracker.log_dict({**described, "data": meta}, "config.json")
         result = train(model, batches, stage.train, checkpoint_dir=checkpoints, tracker=tracker, **hooks)
         done = run_summary(result, train_set.n_tokens, model.num_parameters())

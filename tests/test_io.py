@@ -1,4 +1,4 @@
-"""llm.io's readers: every way a file can fail to read is one LLMError naming the file."""
+"""llm.io: every way a file can fail to read is one LLMError naming the file; outputs written together."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llm.errors import LLMError
-from llm.io import read_json, read_utf8, write_json
+from llm.io import after_commit, as_written, outputs_together, read_json, read_utf8, replaced_dir, staged, write_json
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
@@ -36,3 +36,41 @@ def test_read_json_errors(tmp_path: Path, content: bytes | None, error: str) -> 
 def test_a_directory_is_not_readable_text(tmp_path: Path) -> None:
     with pytest.raises(LLMError, match=f"cannot read {tmp_path}"):
         read_utf8(tmp_path)
+
+
+def test_outputs_together_swap_in_at_the_end_and_only_on_success(tmp_path: Path) -> None:
+    write_json(tmp_path / "metrics.json", {"run": 1})
+    with replaced_dir(tmp_path / "model") as folder:
+        (folder / "weights").write_text("old")
+    after: list[str] = []
+    with outputs_together():
+        write_json(tmp_path / "metrics.json", {"run": 2})
+        write_json(tmp_path / "metrics.json", {"run": 3})  # written twice: the last one wins
+        with replaced_dir(tmp_path / "model") as folder:
+            write_json(folder / "config.json", {"in": "the new folder"})  # inside a folder being built: directly
+            (folder / "weights").write_text("new")
+        assert read_json(tmp_path / "metrics.json") == {"run": 1}  # nothing in place before the block ends
+        assert (tmp_path / "model" / "weights").read_text() == "old"
+        assert read_json(staged(tmp_path / "metrics.json")) == {"run": 3}
+        with as_written(tmp_path / "model") as view:  # the new folder under its own name, for MLflow
+            assert view.name == "model" and (view / "weights").read_text() == "new"
+        after_commit(lambda: after.append(read_json(tmp_path / "metrics.json")["run"]))
+        assert after == []
+    assert read_json(tmp_path / "metrics.json") == {"run": 3} and after == [3]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "weights"]
+    assert (tmp_path / "model" / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model"]  # no temporaries left
+
+
+def test_outputs_together_leave_every_target_as_it_was_when_the_block_fails(tmp_path: Path) -> None:
+    write_json(tmp_path / "metrics.json", {"run": 1})
+    with pytest.raises(LLMError, match="late failure"), outputs_together():
+        write_json(tmp_path / "metrics.json", {"run": 2})
+        with replaced_dir(tmp_path / "model") as folder:
+            (folder / "weights").write_text("new")
+        after_commit(lambda: pytest.fail("ran although the block failed"))
+        raise LLMError("late failure")
+    assert read_json(tmp_path / "metrics.json") == {"run": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no model, no temporaries
+    write_json(tmp_path / "metrics.json", {"run": 4})  # outside the block: in place at once
+    assert read_json(tmp_path / "metrics.json") == {"run": 4}

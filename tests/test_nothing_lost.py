@@ -8,6 +8,7 @@ thing without a word (a key written twice, an empty section, a file that is not 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,6 +85,30 @@ def test_a_failing_stage_keeps_every_previous_output(
     after = outputs(path)
     assert after.keys() == before.keys(), sorted(before.keys() ^ after.keys())  # models, metrics, plots, runs
     assert [p for p in before if after[p] != before[p]] == []
+
+
+@pytest.mark.slow
+def test_a_stage_failing_after_it_trained_keeps_every_previous_output(
+    repo: tuple[Path, dict[str, str]], params: dict[str, Any]
+) -> None:
+    """pretrain trains and writes its new model, metrics and plots, then its last write fails (`runs` is a file):
+    none of them takes the place of the previous outputs, and no temporary stays behind."""
+    path, env = repo
+    shutil.rmtree(path / "runs")
+    (path / "runs").write_text("a file where the runs folder should be\n")
+    try:
+        before = outputs(path)
+        params["pretrain"]["train"]["lr"] *= 2  # a change: pretrain reruns
+        write(path, params)
+        failed = run(path, env, DVC, "repro", "pretrain")
+        assert failed.returncode != 0, failed.stdout
+        assert error_lines(failed) == ["error: cannot write into runs: File exists"], failed.stderr
+        assert outputs(path) == before
+        hidden = [p for d in OUTPUT_DIRS for p in (path / d).rglob(".*") if p.name != ".gitignore"]
+        assert hidden == [], hidden
+    finally:
+        (path / "runs").unlink()
+        subprocess.run(["git", "checkout", "--", "runs"], cwd=path, env=env, check=True, capture_output=True)
 
 
 @pytest.mark.slow

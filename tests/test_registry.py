@@ -176,8 +176,11 @@ def test_model_logged_in_a_temp_experiment_survives_and_carries_the_lock_md5s(
     (repo / "stage.py").write_text(
         "from llm.registry import RegistryParams, log_model\n"
         "from llm.tracking import Tracker\n"
+        "from stages.lineage import dvc_deps_tags\n"
+        "tags = dvc_deps_tags('finetune_classifier')\n"
         "with Tracker('finetune_classifier') as tracker:\n"
-        "    log_model(tracker, 'classifier', 'models/classifier', RegistryParams(), base_dir='models/base')\n"
+        "    log_model(tracker, 'classifier', 'models/classifier', RegistryParams(), base_dir='models/base',\n"
+        "              tags=tags)\n"
     )
     deps = ["models/base", "models/classifier", "stage.py"]
     stage = {"cmd": f"{sys.executable} stage.py", "deps": deps, "outs": [{"runs": {"cache": False}}]}

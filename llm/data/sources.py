@@ -85,7 +85,7 @@ def fetch_all(sources: Sequence[Source], raw_dir: str | Path, mirror: Path | Non
     for stale in raw_dir.parent.glob(".fetch-*"):  # staging left by a killed fetch (SIGKILL runs no cleanup)
         shutil.rmtree(stale, ignore_errors=True)
     counts = {"mirror": 0, "download": 0}
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=raw_dir.parent) as staging:
+    with tempfile.TemporaryDirectory(prefix=".fetch-", suffix=".tmp", dir=raw_dir.parent) as staging:
         for source in tqdm(sources, desc="fetch", unit="file", disable=None):
             counts[fetch_source(source, Path(staging) / source.path, mirror)] += 1
         for source in sources:
