@@ -81,7 +81,7 @@ def test_special_tokens_are_plain_text_and_empty_documents_skipped(tmp_path: Pat
     (corpus / "a.txt").write_text("Hello <|endoftext|> world", encoding="utf-8")
     (corpus / "b.txt").write_bytes(b"")
     (corpus / "sub" / "c.txt").write_text("x" * 5000, encoding="utf-8")
-    (corpus / "notes.md").write_text("not a text file", encoding="utf-8")
+    (corpus / ".notes.md").write_text("a hidden file: skipped", encoding="utf-8")
     stats = tokenize_corpus(corpus, tmp_path / "c.parquet", enc, num_threads=1, piece_chars=64, progress=False)
     table = pq.read_table(tmp_path / "c.parquet").to_pylist()
     assert [r["source"] for r in table] == ["a.txt", "sub/c.txt"] and stats.empty_documents == 1
@@ -94,8 +94,8 @@ def test_special_tokens_are_plain_text_and_empty_documents_skipped(tmp_path: Pat
     ("files", "message"),
     [
         (None, "corpus folder not found"),
-        ({}, "has no .txt files; it is empty"),
-        ({"readme.md": b"hi"}, r"has no .txt files; it holds readme\.md"),
+        ({}, "has no files to read; it is empty"),
+        ({".readme.md": b"hi"}, r"has no files to read; it holds \.readme\.md \(hidden files are skipped\)"),
         ({"a.txt": b"", "b.txt": b"\xef\xbb\xbf"}, r"is empty: its 2 text file\(s\) hold no text"),
         ({"a.txt": b"fine", "b.txt": b"ok \xc3\x28"}, r"b\.txt: invalid UTF-8 at byte offset 3"),
     ],

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
+from llm.data import inputs
 from llm.data.corpus import tokenize_corpus
 from llm.data.inputs import CorpusInput, read_documents
 from llm.errors import LLMError
@@ -38,7 +39,10 @@ def test_every_format_in_one_corpus_matches_tiktoken(tmp_path: Path, enc: tiktok
     (tmp_path / "books/nested/deeper").mkdir(parents=True)
     (tmp_path / "books/a.txt").write_bytes(b"\xef\xbb\xbfA book.\r\nThe end.")
     (tmp_path / "books/nested/deeper/b.txt").write_text("Nested book.", encoding="utf-8")
-    (tmp_path / "books/nested/skip.md").write_text("# a folder reads .txt only", encoding="utf-8")
+    (tmp_path / "books/nested/c.md").write_text("# A folder reads every file", encoding="utf-8")
+    (tmp_path / "books/.git").mkdir()
+    (tmp_path / "books/.git/skipped.txt").write_text("hidden folders are skipped", encoding="utf-8")
+    (tmp_path / "books/.skipped.txt").write_text("hidden files too", encoding="utf-8")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/one.md").write_text("# Notes\n\nMarkdown is text.", encoding="utf-8")
     jsonl = "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(ROWS)) + "\n"
@@ -56,10 +60,35 @@ def test_every_format_in_one_corpus_matches_tiktoken(tmp_path: Path, enc: tiktok
     ]
     rows = tokenize(tmp_path, enc, *inputs)
     tables = [f"rows.{ext}:{n}" for ext in ("jsonl", "parquet", "csv") for n in (1, 3)]
-    assert [r["source"] for r in rows] == ["a.txt", "nested/deeper/b.txt", "one.md", *tables]
-    texts = ["A book.\nThe end.", "Nested book.", "# Notes\n\nMarkdown is text.", *ROWS, *ROWS, *ROWS]
-    assert [r["tokens"] for r in rows] == expected(enc, texts)
-    assert [r["doc_id"] for r in rows] == list(range(9)) and all(r["n_tokens"] == len(r["tokens"]) for r in rows)
+    assert [r["source"] for r in rows] == ["a.txt", "nested/c.md", "nested/deeper/b.txt", "one.md", *tables]
+    texts = ["A book.\nThe end.", "# A folder reads every file", "Nested book.", "# Notes\n\nMarkdown is text."]
+    assert [r["tokens"] for r in rows] == expected(enc, [*texts, *ROWS, *ROWS, *ROWS])
+    assert [r["doc_id"] for r in rows] == list(range(10)) and all(r["n_tokens"] == len(r["tokens"]) for r in rows)
+
+
+def test_a_folder_reads_each_file_as_its_extension_says(tmp_path: Path) -> None:
+    (tmp_path / "t/sub").mkdir(parents=True)
+    (tmp_path / "t/sub/x.JSONL").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    (tmp_path / "t/notes.md").write_text("# notes", encoding="utf-8")
+    (tmp_path / "t/rows.csv").write_text("id,text\n1,c\n", encoding="utf-8")
+    (tmp_path / "t/book").write_text("no extension: text", encoding="utf-8")
+    docs = list(read_documents([CorpusInput(path=str(tmp_path / "t"))]))
+    assert [(d.source, d.text) for d in docs] == [
+        ("book", "no extension: text"), ("notes.md", "# notes"), ("rows.csv:1", "c"),
+        ("sub/x.JSONL:1", "a"), ("sub/x.JSONL:2", "b"),
+    ]
+
+
+def test_csv_values_span_lines_and_blocks_and_other_columns_are_not_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inputs, "CSV_BLOCK_BYTES", 256)  # many blocks, quoted values across their boundaries
+    texts = [f"row {i}:\n" + "a long line, quoted. " * 3 for i in range(20)]
+    ids = [str(i) if i < 10 else f"id-{i}" for i in range(20)]  # ints, then strings: never converted
+    lines = [f'{i},"{t}"\n' for i, t in zip(ids, texts, strict=True)]
+    (tmp_path / "x.csv").write_text("id,text\n" + "".join(lines), encoding="utf-8")
+    docs = list(read_documents([CorpusInput(path=str(tmp_path / "x.csv"))]))
+    assert [d.text for d in docs] == texts and [d.source for d in docs] == [f"x.csv:{n}" for n in range(1, 21)]
 
 
 def test_a_folder_of_tables_with_a_format(tmp_path: Path) -> None:

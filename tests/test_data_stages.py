@@ -206,7 +206,7 @@ BAD_INPUTS = {
     "invalid utf-8": ("tokenize", {}, {"a.txt": b"fine", "b.txt": b"caf\xe9 ok"},
                       r"b\.txt: invalid UTF-8 at byte offset 3 \(bytes e9\)"),
     "empty corpus": ("tokenize", {}, {"a.txt": b"", "b.txt": b"\xef\xbb\xbf"}, r"is empty: its 2 text file"),
-    "no text files": ("tokenize", {}, {"notes.md": b"hello", "data.csv": b"1,2"}, r"has no \.txt files; it holds"),
+    "no text files": ("tokenize", {}, {".notes.md": b"hello", ".data.csv": b"1,2"}, r"has no files to read; it holds"),
     "context too long": ("sample", {"sample": {"context_length": 100_000, "chunk_tokens": 256}},
                          {"a.txt": b"word " * 3000}, r"context_length 100000 does not fit the train split"),
 }  # fmt: skip

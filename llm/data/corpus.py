@@ -90,7 +90,7 @@ def tokenize_corpus(
     piece_chars: int = 1 << 16,
     progress: bool = True,
 ) -> CorpusStats:
-    """Tokenize every document of `corpus` (a folder of .txt files, or inputs) into the Parquet file `out_path`.
+    """Tokenize every document of `corpus` (a folder, or inputs) into the Parquet file `out_path`.
 
     The file is written atomically: an error (a bad file or row) leaves no output. Documents are read
     `batch_chars` characters at a time (the next while one encodes), cut into `piece_chars` pieces and encoded on

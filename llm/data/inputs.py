@@ -22,8 +22,10 @@ import pyarrow.parquet as pq
 from llm.data.text import decode_text, read_text
 from llm.errors import LLMError
 
-FORMATS = {"text": (".txt",), "jsonl": (".jsonl", ".ndjson"), "parquet": (".parquet",), "csv": (".csv",)}
-TABLE_BATCH_ROWS = 4096  # rows per Parquet/CSV/datasets batch read
+# A format's file extensions (lower case); text is every file that is not one of the others.
+FORMATS = {"text": (), "jsonl": (".jsonl", ".ndjson"), "parquet": (".parquet",), "csv": (".csv",)}
+TABLE_BATCH_ROWS = 4096  # rows per Parquet/datasets batch read
+CSV_BLOCK_BYTES = 8 << 20  # bytes per CSV batch read
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,10 @@ class CorpusInput:
     """One corpus input: exactly one of `path` (a folder, a file or a glob such as `data/corpus/**/*.md`) or
     `hf_dataset` (a folder written by `datasets`' save_to_disk, else a hub name, read with `split`).
 
-    format: text | jsonl | parquet | csv. Omitted, a folder is read as text (its `.txt` files) and a file as
-    its extension says (anything unknown is text). Given, a folder yields the files with that format's
-    extensions. text_column: the column (JSON key) holding the text of a table's rows.
+    format: text | jsonl | parquet | csv. Omitted, every file (of a folder: every file below it, hidden files and
+    folders skipped) is read as its extension says (anything unknown is UTF-8 text). Given, a folder yields the
+    files with that format's extensions (text: all of them), each read as that format. text_column: the column
+    (JSON key) holding the text of a table's rows.
     """
 
     path: str | None = None
@@ -83,20 +86,25 @@ def input_files(item: CorpusInput) -> list[tuple[Path, str]]:
         return [(path, path.name)]
     if path.suffix and not path.exists():
         raise LLMError(f"corpus file not found: {path}")
-    files = list_files(path, FORMATS[item.format or "text"])
+    files = list_files(path, FORMATS[item.format] if item.format else ())
     return [(f, f.relative_to(path).as_posix()) for f in files]
 
 
-def list_files(folder: str | Path, suffixes: Sequence[str] = (".txt",)) -> list[Path]:
-    """The files under `folder` (recursively) ending in one of `suffixes`, sorted; LLMError when there are none."""
+def list_files(folder: str | Path, suffixes: Sequence[str] = ()) -> list[Path]:
+    """The files below `folder` (recursively; hidden files and folders skipped) ending in one of `suffixes` (any
+    ending when empty), sorted; LLMError when there are none."""
     root = Path(folder)
     if not root.is_dir():
         raise LLMError(f"corpus folder not found: {root} (fetch's books: dvc repro fetch; your own: docs/data.md)")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    everything = sorted(p for p in root.rglob("*") if p.is_file())
+    visible = [p for p in everything if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = [p for p in visible if not suffixes or p.suffix.lower() in suffixes]
     if not files:
-        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:5]
+        others = [p.relative_to(root).as_posix() for p in everything][:5]
         found = f"; it holds {', '.join(others)}" if others else "; it is empty"
-        raise LLMError(f"corpus folder {root} has no {' or '.join(suffixes)} files{found}")
+        hidden = " (hidden files are skipped)" if everything and not visible else ""
+        kind = f"{' or '.join(suffixes)} files" if suffixes else "files to read"
+        raise LLMError(f"corpus folder {root} has no {kind}{found}{hidden}")
     return files
 
 
@@ -112,7 +120,7 @@ def read_documents(inputs: Sequence[CorpusInput], *, allow_replacement: bool = F
             yield from _dataset_documents(item)
             continue
         for path, source in input_files(item):
-            fmt = item.format or next((f for f, ext in FORMATS.items() if path.suffix in ext), "text")
+            fmt = item.format or next((f for f, ext in FORMATS.items() if path.suffix.lower() in ext), "text")
             if fmt == "text":
                 yield Document(source, read_text(path, allow_replacement=allow_replacement), path.stat().st_size)
             elif fmt == "jsonl":
@@ -128,6 +136,8 @@ def _jsonl_documents(path: Path, source: str, column: str, allow_replacement: bo
             where = f"{path}:{number}"
             try:  # the usual line (UTF-8, no BOM, valid JSON) parses as it is: a CRLF at its end is JSON whitespace
                 row = json.loads(line.decode())
+            except RecursionError:  # json's parser recurses once per nesting level
+                raise LLMError(f"{where}: JSON nested too deeply") from None
             except ValueError:  # else it is decoded like a text file, for the same errors and replacements
                 if not line.strip():
                     continue
@@ -144,6 +154,8 @@ def _json_row(line: str, where: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise LLMError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise LLMError(f"{where}: invalid JSON ({str(err)[:200]})") from None
 
 
 def _text_value(value: Any, where: str, column: str) -> str:
@@ -163,13 +175,22 @@ def _parquet_batches(path: Path, column: str) -> Iterator[tuple[str, pa.Array]]:
 
 
 def _csv_batches(path: Path, item: CorpusInput) -> Iterator[tuple[str, pa.Array]]:
-    # The text column is read as bytes, decoded (and its errors reported by row) like a text file's.
-    options = pv.ConvertOptions(column_types={item.text_column: pa.binary()}, strings_can_be_null=False)
+    # Only the text column is converted: read as bytes, decoded (and its errors reported by row) like a text file's.
+    # Quoted values may span lines, also across the reader's blocks.
+    column = item.text_column
+
+    def reader(**convert: Any) -> pv.CSVStreamingReader:
+        read, parse = pv.ReadOptions(block_size=CSV_BLOCK_BYTES), pv.ParseOptions(newlines_in_values=True)
+        return pv.open_csv(path, read_options=read, parse_options=parse, convert_options=pv.ConvertOptions(**convert))
+
     try:
-        reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=8 << 20), convert_options=options)
-        _check_column(path, reader.schema, item.text_column)
-        for batch in reader:
-            yield str(path), batch.column(item.text_column)
+        try:
+            batches = reader(column_types={column: pa.binary()}, strings_can_be_null=False, include_columns=[column])
+        except KeyError:  # pa.ArrowKeyError: the file has no such column
+            _check_column(path, reader().schema, column)
+            raise
+        for batch in batches:
+            yield str(path), batch.column(0)
     except pa.ArrowInvalid as err:
         raise LLMError(f"{path}: malformed CSV ({str(err).splitlines()[0]})") from None
 
@@ -201,7 +222,7 @@ def _dataset_documents(item: CorpusInput) -> Iterator[Document]:
     try:
         import datasets
     except ImportError:
-        needs = "hf_dataset needs the `datasets` package: pip install 'llm[hf]'"
+        needs = "hf_dataset needs the `datasets` package: pip install -e '.[hf]'"
         raise LLMError(f"corpus input {item.name}: {needs}") from None
     local = item.local_root
     try:
