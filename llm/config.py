@@ -84,7 +84,8 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
 
 def from_mapping(cls: type[T], data: Mapping[str, Any], where: str, base: T | None = None) -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys, wrong types and bad values with a message
-    that starts with `where` (e.g. `params.yaml:pretrain`).
+    that starts with `where` (e.g. `params.yaml:pretrain`). No integer setting may be negative, and no
+    `*batch_size` zero.
 
     Keys missing from `data` keep the value in `base`, else the field's default. A nested dataclass field given
     in part keeps the rest from that field's own default (so `generation: {max_new_tokens: 4}` keeps a
@@ -105,6 +106,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str, base: T | No
             values[key] = from_mapping(hint, value, f"{where}.{key}", base=default)  # type: ignore[arg-type]
         else:
             values[key] = _coerce(value, hint, f"{where}.{key}")
+        if key.endswith("batch_size") and isinstance(values[key], int) and values[key] < 1:
+            raise LLMError(f"{where}: {key} must be at least 1, got {values[key]}")
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)  # type: ignore[type-var]
     except (LLMError, ValueError, TypeError) as err:
@@ -148,6 +151,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         (item,) = typing.get_args(hint)[:1] or (Any,)
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
+    if origin is dict and not isinstance(value, Mapping):
+        raise LLMError(f"{where}: expected a mapping of settings, got {value!r}")
     if origin is dict or hint is Any:
         return value
     if hint is float:
@@ -156,6 +161,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise LLMError(f"{where}: expected an integer, got {value!r}")
+    if hint is int and value < 0:  # counts, sizes, steps, seeds: no setting takes a negative number
+        raise LLMError(f"{where} must be >= 0, got {value!r}")
     if hint in (bool, str) and not isinstance(value, hint):
         raise LLMError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

@@ -243,7 +243,7 @@ def chat(config: JudgeConfig, prompt: str) -> str:
         raise JudgeUnreachable(f"judge at {url} is unreachable ({reason}); start it or unset the judge url") from err
     try:
         return str(json.loads(raw)["choices"][0]["message"]["content"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as err:
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError) as err:  # ValueError: JSON, UTF-8
         raise LLMError(f"judge at {url} did not return a chat completion: {raw[:200]!r}") from err
 
 

@@ -87,8 +87,9 @@ class LabeledSet:
             splits = stratified_split(chosen, self.split, self.seed)
         else:
             splits = examples | ({"train": balance_classes(examples["train"], self.seed)} if self.balance else {})
-            if len({e.label for e in splits["train"]}) < 2:
-                raise LLMError(f"{self.train} holds a single class: a classifier needs at least two")
+            for name, path in self.files().items():  # scores such as ROC-AUC are undefined on a single class
+                if len({e.label for e in splits[name]}) < 2:
+                    raise LLMError(f"{path} holds a single class: a classifier needs at least two")
         return splits, names, sum(len(rows.skipped) for rows in files.values())
 
 

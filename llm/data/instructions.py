@@ -232,11 +232,11 @@ def read_responses(path: str | Path, test: Sequence[Instruction]) -> list[str]:
     path = Path(path)
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise LLMError(f"cannot read {path} ({err}); run: dvc repro finetune_instructions") from err
-    if [(r["instruction"], r["input"]) for r in rows] != [(e.instruction, e.input) for e in test]:
-        raise LLMError(f"{path} does not match the test split; run: dvc repro finetune_instructions")
-    return [r["response"] for r in rows]
+        if [(r["instruction"], r["input"]) for r in rows] == [(e.instruction, e.input) for e in test]:
+            return [str(r["response"]) for r in rows]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as err:  # ValueError: JSON, UTF-8
+        raise LLMError(f"cannot read {path} ({str(err)[:200]}); run: dvc repro finetune_instructions") from err
+    raise LLMError(f"{path} does not match the test split; run: dvc repro finetune_instructions")
 
 
 def split_entries(

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from llm.data.classification import LabeledSet
 
 FORMATS = ("auto", "sms", "csv", "tsv", "jsonl", "parquet")
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SUFFIX_FORMATS[".parquet"] = "parquet"
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,10 @@ def _jsonl_rows(rows: LabeledRows, text: str, columns: tuple[str, str]) -> None:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             rows.bad(number, f"not valid JSON: {err.msg} (column {err.colno})")
+            continue
+        except (ValueError, RecursionError) as err:  # an integer too long for Python; nesting too deep
+            problem = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+            rows.bad(number, f"not valid JSON: {problem}")
             continue
         if not isinstance(entry, dict):
             rows.bad(number, f"expected a JSON object, got {type(entry).__name__}")
