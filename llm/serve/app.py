@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -242,8 +242,8 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 def _authenticate(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -253,14 +253,17 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # gone while sending: nobody reads the answer, but the log gets no traceback
+        raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the body is not valid JSON ({err})", code="invalid_json") from err
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer too long, nesting too deep
+        raise ApiError(400, f"the body is not valid JSON ({str(err)[:200]})", code="invalid_json") from err
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
