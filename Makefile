@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
-	@# jemalloc makes CPU training 1.4-2x faster (see BENCHMARKS.md); optional, installed where we may.
+	@# jemalloc makes CPU training faster (see BENCHMARKS.md); optional, installed where we may.
 	@if ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null) || echo "note: jemalloc not installed; using system malloc"; fi
 	$(PYTHON) -m venv $(VENV)
