@@ -86,24 +86,33 @@ def after_commit(action: Callable[[], None]) -> None:
 
 
 def staged(path: PathLike) -> Path:
-    """Where the new contents of output `path` are: `path` itself, or its temporary while `outputs_together` holds
-    them back."""
-    found = _pending.outputs.get(Path(os.path.abspath(path))) if _pending is not None else None
-    return found if found is not None else Path(path)
+    """Where the new contents of output `path` are: `path` itself, or, while `outputs_together` holds them back,
+    its temporary (or the place within the temporary of a folder that holds it)."""
+    return _held(path) or Path(path)
+
+
+def _held(path: PathLike) -> Path | None:
+    if _pending is None:
+        return None
+    full = Path(os.path.abspath(path))
+    for owner in (full, *full.parents):
+        if (new := _pending.outputs.get(owner)) is not None:
+            return new / full.relative_to(owner)
+    return None
 
 
 @contextlib.contextmanager
 def as_written(path: PathLike) -> Iterator[Path]:
     """`path` as this process last wrote it, under its own name: the path itself, or, while `outputs_together`
-    holds it back, a hard-linked copy of the new contents in a temporary folder beside it (for readers that take
+    holds it back, a hard-linked copy of the new contents in a temporary folder beside them (for readers that take
     the name from the path, such as MLflow's artifact logging)."""
-    target, new = Path(path), staged(path)
-    if new == target:
+    target, new = Path(path), _held(path)
+    if new is None:
         yield target
         return
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.view.*.tmp"):
+    for stale in new.parent.glob(f".{glob.escape(target.name)}.view.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    holder = temporary_dir(target.parent, f".{target.name}.view.")
+    holder = temporary_dir(new.parent, f".{target.name}.view.")  # beside the new contents: same filesystem
     try:
         view = holder / target.name
         if new.is_dir():

@@ -132,6 +132,10 @@ def test_one_mlflow_run_per_stage_under_the_parent(pipeline_run: tuple[Path, dic
         assert runs["tags.system.allocator"].item() == expected_allocator  # the launcher's memory set-up
         assert runs["tags.system.huge_pages"].item() in ("on", "unavailable")  # requested
     assert len(frame) == len(tracked) + 1
+    client = mlflow.MlflowClient()  # the reports each stage logs, read from the outputs it has not yet put in place
+    for stage, report in (("finetune_classifier", "reports/misclassified.json"), ("evaluate", "reports/evaluation.md")):
+        run_id = json.loads((repo / "runs" / f"{stage}.json").read_text())["run_id"]
+        assert report in [a.path for a in client.list_artifacts(run_id, "reports")], stage
 
 
 @pytest.mark.slow

@@ -54,6 +54,10 @@ def test_outputs_together_swap_in_at_the_end_and_only_on_success(tmp_path: Path)
         assert read_json(staged(tmp_path / "metrics.json")) == {"run": 3}
         with as_written(tmp_path / "model") as view:  # the new folder under its own name, for MLflow
             assert view.name == "model" and (view / "weights").read_text() == "new"
+        with as_written(tmp_path / "model" / "config.json") as view:  # a file of a new folder
+            assert view.name == "config.json" and read_json(view) == {"in": "the new folder"}
+        with as_written(tmp_path / "elsewhere.json") as view:  # not an output of this block: the path itself
+            assert view == tmp_path / "elsewhere.json"
         after_commit(lambda: after.append(read_json(tmp_path / "metrics.json")["run"]))
         assert after == []
     assert read_json(tmp_path / "metrics.json") == {"run": 3} and after == [3]
