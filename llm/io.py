@@ -56,7 +56,7 @@ def outputs_together() -> Iterator[None]:
     beside their targets; when the block succeeds they all take their targets' places at once (SIGINT and SIGTERM
     held back for those renames), then the `after_commit` actions run. When it fails, or the process is killed,
     every target is left as it was (a killed run's leftovers go with the next write of the same target). Until
-    then `staged(path)` is where a target's new contents are. A nested block belongs to the outer one."""
+    then `as_written(path)` shows a target's new contents. A nested block belongs to the outer one."""
     global _pending
     if _pending is not None:
         yield
@@ -85,13 +85,9 @@ def after_commit(action: Callable[[], None]) -> None:
         _pending.after.append(action)
 
 
-def staged(path: PathLike) -> Path:
-    """Where the new contents of output `path` are: `path` itself, or, while `outputs_together` holds them back,
-    its temporary (or the place within the temporary of a folder that holds it)."""
-    return _held(path) or Path(path)
-
-
 def _held(path: PathLike) -> Path | None:
+    """Where `outputs_together` holds the new contents of `path`: its temporary, or the place within the temporary
+    of a folder that holds it; None when it holds none."""
     if _pending is None:
         return None
     full = Path(os.path.abspath(path))

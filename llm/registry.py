@@ -4,7 +4,7 @@
 - `log_model` logs the model directory a training stage wrote (safetensors, never a pickle) to the stage's run as
   an MLflow pyfunc model (the code is `llm/pyfunc/model.py`), with a signature and an input example, and registers
   a version of `RegistryParams.name` tagged `git.commit`, `git.dirty`, `dvc.exp_name`, `dvc.stage` and whatever
-  tags the caller adds (the stages add `dvc.deps.<path>`: stages.common.dvc_deps_tags).
+  tags the caller adds (the stages add `dvc.deps.<path>`: stages.lineage.dvc_deps_tags).
 - `update_champion` (evaluate) moves the alias `champion` to an evaluated version that beats the current champion.
 - `resolve_model` turns `models:/<name>/<version>` or `models:/<name>@<alias>` into a local model directory (one
   download per version, to `$LLM_MODEL_CACHE`, default `~/.cache/llm/models`); the CLI reads every `--model`

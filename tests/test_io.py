@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llm.errors import LLMError
-from llm.io import after_commit, as_written, outputs_together, read_json, read_utf8, replaced_dir, staged, write_json
+from llm.io import after_commit, as_written, outputs_together, read_json, read_utf8, replaced_dir, write_json
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
@@ -51,7 +51,8 @@ def test_outputs_together_swap_in_at_the_end_and_only_on_success(tmp_path: Path)
             (folder / "weights").write_text("new")
         assert read_json(tmp_path / "metrics.json") == {"run": 1}  # nothing in place before the block ends
         assert (tmp_path / "model" / "weights").read_text() == "old"
-        assert read_json(staged(tmp_path / "metrics.json")) == {"run": 3}
+        with as_written(tmp_path / "metrics.json") as view:
+            assert view.name == "metrics.json" and read_json(view) == {"run": 3}
         with as_written(tmp_path / "model") as view:  # the new folder under its own name, for MLflow
             assert view.name == "model" and (view / "weights").read_text() == "new"
         with as_written(tmp_path / "model" / "config.json") as view:  # a file of a new folder

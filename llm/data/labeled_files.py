@@ -27,8 +27,14 @@ if TYPE_CHECKING:
     from llm.data.classification import LabeledSet
 
 FORMATS = ("auto", "sms", "csv", "tsv", "jsonl", "parquet")
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-SUFFIX_FORMATS[".parquet"] = "parquet"
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
 
 
 @dataclass(frozen=True)
