@@ -38,7 +38,7 @@ import torch
 
 from llm.config import GPTConfig, get_preset
 
-FP32, BF16, INT8 = ("fp32", None), ("bf16", None), ("bf16", "int8")  # (dtype, quantize) of llm.quantize
+FP32, BF16, INT8 = ("fp32", None), ("bf16", None), (None, "int8")  # (dtype, quantize) of llm.quantize
 OURS: dict[str, tuple[dict[str, Any], tuple[str, str | None]]] = {  # name -> (generation settings, format)
     "ours": ({}, FP32),
     "ours-bf16": ({}, BF16),

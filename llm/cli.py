@@ -72,9 +72,9 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 
 def _weights_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dtype", default=None, help="weights and activations: fp32 or bf16 (default fp32; bf16 with --quantize)"
+        "--dtype", default=None, help="weights and activations: fp32 or bf16 (default fp32; docs/generation.md)"
     )
-    parser.add_argument("--quantize", default=None, help="int8: weight-only int8 linear layers (docs/generation.md)")
+    parser.add_argument("--quantize", default=None, help="int8: int8 linear layers (docs/generation.md)")
 
 
 def _load_for_inference(args: argparse.Namespace, load: Callable[..., Any], *load_args: Any, **load_kwargs: Any) -> Any:
@@ -83,8 +83,9 @@ def _load_for_inference(args: argparse.Namespace, load: Callable[..., Any], *loa
     from llm.device import resolve_device
     from llm.quantize import for_inference, resolve_format
 
-    dtype, quantize = resolve_format(args.dtype, args.quantize)
-    return for_inference(load(*load_args, device=resolve_device(args.device), **load_kwargs), dtype, quantize)
+    device = resolve_device(args.device)
+    dtype, quantize = resolve_format(args.dtype, args.quantize, device)
+    return for_inference(load(*load_args, device=device, **load_kwargs), dtype, quantize)
 
 
 MODEL_URI = "a registered model, models:/NAME/VERSION or models:/NAME@ALIAS"
@@ -308,13 +309,13 @@ def serve_command(args: argparse.Namespace) -> None:
         raise LLMError("--max-batch, --max-tokens, --max-body-bytes and --threads must be positive")
     if not 0 <= args.port <= 65535:
         raise LLMError(f"--port must be in 0..65535, got {args.port}")
-    dtype, quantize = resolve_format(args.dtype, args.quantize)
+    device = resolve_device(args.device)
+    dtype, quantize = resolve_format(args.dtype, args.quantize, device)
     limits = Limits(args.max_tokens, args.max_body_bytes, args.api_key or os.environ.get(API_KEY_ENV) or None)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     serve(args.model, host=args.host, port=args.port, name=args.name, max_batch=args.max_batch, limits=limits,
           device=device, dtype=dtype, quantize=quantize)  # fmt: skip
 

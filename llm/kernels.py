@@ -6,9 +6,8 @@ what the default computes (to the dtype's rounding; tests/test_speedups.py check
 - `linear`: fp32 inference on CPU (no autograd, no autocast), where batch-1 decoding is bound by reading the
   weights once per token, runs oneDNN's linear op when eager; under torch.compile a single row runs
   `(weight * x).sum(-1)`, which inductor fuses into one streaming dot-product loop (inductor cannot lower the
-  oneDNN op; F.linear would be a library GEMM call). A single row in bf16 on CPU without autograd (a model
-  converted by `llm.quantize.for_inference`) runs as a matrix-vector product (`torch.addmv`), which streams the
-  weights faster than F.linear's one-row GEMM. Everything else is F.linear.
+  oneDNN op; F.linear would be a library GEMM call). Everything else is F.linear (bf16 and int8 inference
+  replace the linear layers: `llm.quantize`).
 - `attention`: causal bf16 attention on CPU without dropout and with at most MATMUL_ATTENTION_SCORES scores
   (B·H·T²) runs as two batched matmuls; everything else is F.scaled_dot_product_attention.
 - `lm_loss`: the model's own vocabulary head (a bias-free `Linear`) takes the fused linear + cross-entropy
@@ -42,22 +41,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
             return (y if bias is None else y + bias).view(*x.shape[:-1], -1)
     elif cpu_fp32_inference and ONEDNN_LINEAR:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    elif _cpu_bf16_row(x, weight):
-        row = x.reshape(-1)
-        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
-        return y.view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
-
-
-def _cpu_bf16_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x is one row times a bf16 weight on CPU, without autograd or autocast."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype is weight.dtype is torch.bfloat16
-        and x.numel() == weight.shape[1]
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-    )
 
 
 class Linear(nn.Linear):

@@ -9,20 +9,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm import cli
+from llm import cli, quantize
 from llm.config import GPTConfig, get_preset
 from llm.errors import LLMError
 from llm.generate import generate
-from llm.kernels import linear
 from llm.model import GPT
 from llm.model_dir import save_model
-from llm.quantize import GEMM_ROWS, Int8Linear, for_inference, resolve_format
+from llm.quantize import FBGEMM, GEMM_ROWS, Int8Linear, PackedLinear, for_inference, resolve_format
 
-FORMATS = [("bf16", None), (None, "int8")]
+needs_fbgemm = pytest.mark.skipif(not FBGEMM, reason="fbgemm multiplies int8 only in x86 builds of torch")
+
+# (dtype, quantize, int8 kernel): bf16 (oneDNN's packed weights on CPU); int8 through fbgemm (x86 CPUs: fp32
+# activations by default, bf16 on request) and through aten._weight_int8pack_mm (other devices: bf16 activations)
+FORMATS = [
+    pytest.param("bf16", None, None, id="bf16"),
+    pytest.param(None, "int8", "fbgemm", id="int8-fbgemm", marks=needs_fbgemm),
+    pytest.param("bf16", "int8", "fbgemm", id="int8-fbgemm-bf16", marks=needs_fbgemm),
+    pytest.param(None, "int8", "int8pack", id="int8-int8pack"),
+]
 # Relative error ||logits - fp32 logits|| / ||fp32 logits|| allowed for a random small model: bf16 keeps 8 bits
 # of mantissa (relative rounding 2^-9 per weight and activation), int8 per-row weights 1/254 of the row's largest
-# weight, on top of bf16 activations; errors of independent roundings partly cancel in every dot product.
+# weight, and fbgemm rounds the inputs of every linear layer to 7 bits too; errors of independent roundings partly
+# cancel in every dot product.
 TOLERANCE = {"bf16": 2e-2, "int8": 4e-2}
+
+
+def convert(model: nn.Module, dtype: str | None, quantize_: str | None, kernel: str | None,
+            monkeypatch: pytest.MonkeyPatch) -> nn.Module:  # fmt: skip
+    """A converted copy of `model`; int8 `kernel` "int8pack" is the one devices without fbgemm use."""
+    if kernel == "int8pack":
+        monkeypatch.setattr(quantize, "FBGEMM", False)
+    return for_inference(copy.deepcopy(model), dtype, quantize_)
 
 
 @pytest.fixture(scope="module")
@@ -49,50 +66,88 @@ def cycle_model() -> tuple[GPT, torch.Tensor]:
     return model.eval(), sequence
 
 
-@pytest.mark.parametrize(("dtype", "quantize"), FORMATS)
-def test_logits_are_close_to_fp32(random_model: GPT, dtype: str | None, quantize: str | None) -> None:
+@pytest.mark.parametrize(("dtype", "quantize_", "kernel"), FORMATS)
+@pytest.mark.parametrize("rows", [1, 32])  # a decoding step, and a batch of prompts
+def test_logits_are_close_to_fp32(random_model: GPT, dtype: str | None, quantize_: str | None, kernel: str | None,
+                                  rows: int, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids = ids if rows > 1 else ids[:1, :1]
     with torch.no_grad():
         reference = random_model(ids)
-        logits = for_inference(copy.deepcopy(random_model), dtype, quantize)(ids)
-    assert logits.dtype == torch.bfloat16
+        logits = convert(random_model, dtype, quantize_, kernel, monkeypatch)(ids)
+    activations = "fp32" if (dtype, kernel) == (None, "fbgemm") else "bf16"  # int8's default: fp32 for fbgemm
+    assert logits.dtype == quantize.DTYPES[activations]
     error = (logits.float() - reference).norm() / reference.norm()
-    assert error < TOLERANCE[quantize or dtype], float(error)
+    assert error < TOLERANCE[quantize_ or dtype], float(error)
 
 
-@pytest.mark.parametrize(("dtype", "quantize"), FORMATS)
-@pytest.mark.parametrize("rows", [1, 2])  # one row: the bf16 matrix-vector path; two: the GEMM kernels
-def test_greedy_tokens_equal_fp32(cycle_model: tuple[GPT, torch.Tensor], dtype: str | None, quantize: str | None,
-                                  rows: int) -> None:  # fmt: skip
+@pytest.mark.parametrize(("dtype", "quantize_", "kernel"), FORMATS)
+@pytest.mark.parametrize("rows", [1, 2])  # one row, and a batch
+def test_greedy_tokens_equal_fp32(cycle_model: tuple[GPT, torch.Tensor], dtype: str | None, quantize_: str | None,
+                                  kernel: str | None, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     model, sequence = cycle_model
     prompts = [sequence[:5].tolist(), sequence[10:13].tolist()][:rows]
     expected = [sequence[5:21].tolist(), sequence[13:29].tolist()][:rows]
     assert generate(model, prompts, max_new_tokens=16, temperature=0.0) == expected  # the model learned the cycle
-    converted = for_inference(copy.deepcopy(model), dtype, quantize)
+    converted = convert(model, dtype, quantize_, kernel, monkeypatch)
     assert generate(converted, prompts, max_new_tokens=16, temperature=0.0) == expected
     assert generate(converted, prompts, max_new_tokens=16, temperature=0.0, use_cache=False) == expected
 
 
-def test_int8_linear_quantizes_each_row_to_its_own_scale() -> None:
+@pytest.mark.parametrize(
+    ("kernel", "rows", "tolerance"),
+    [
+        pytest.param("fbgemm", 15, 2e-2, marks=needs_fbgemm),  # int8 weights and 7-bit inputs
+        pytest.param("fbgemm", GEMM_ROWS["fbgemm"], 1e-5, marks=needs_fbgemm),  # one GEMM: weight-only
+        ("int8pack", 15, 1e-5),  # weight-only
+        ("int8pack", GEMM_ROWS["int8pack"], 1e-5),  # one GEMM
+    ],
+)
+def test_int8_linear_quantizes_each_row_to_its_own_scale(kernel: str, rows: int, tolerance: float,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    if kernel == "int8pack":
+        monkeypatch.setattr(quantize, "FBGEMM", False)
     torch.manual_seed(0)
     dense = nn.Linear(64, 8)
     with torch.no_grad():
         dense.weight[3] *= 100  # one row far larger than the rest: per-row scales keep the others precise
     quantized = Int8Linear(dense, torch.float32)
+    assert (quantized.packed is not None) == (kernel == "fbgemm")
     assert quantized.weight.dtype == torch.int8 and int(quantized.weight.abs().max()) == 127
     dequantized = quantized.weight.float() * quantized.scale[:, None]
     assert ((dequantized - dense.weight).abs() <= quantized.scale[:, None] / 2 + 1e-7).all()  # round to nearest
-    for x in (torch.randn(3, 5, 64), torch.randn(2, GEMM_ROWS, 64)):  # the int8 kernel, and one GEMM
-        with torch.no_grad():
-            torch.testing.assert_close(quantized(x), F.linear(x, dequantized, dense.bias), rtol=1e-4, atol=1e-4)
-
-
-def test_bf16_one_row_path_matches_f_linear() -> None:
-    torch.manual_seed(0)
-    weight, bias, x = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16(), torch.randn(1, 1, 64).bfloat16()
+    x = torch.randn(1, rows, 64)
     with torch.no_grad():
-        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(linear(x, weight, None), F.linear(x, weight), rtol=1e-2, atol=1e-2)
+        y, expected = quantized(x), F.linear(x, dequantized, dense.bias)
+    assert y.shape == expected.shape
+    assert (y - expected).norm() / expected.norm() < tolerance
+
+
+@needs_fbgemm
+def test_fbgemm_rounds_each_input_row_to_its_own_scale() -> None:
+    """fbgemm takes one input scale per call: a row batched with a row 1000 times larger must come out as alone."""
+    torch.manual_seed(0)
+    quantized = Int8Linear(nn.Linear(64, 32), torch.float32)
+    row = torch.randn(1, 64)
+    with torch.no_grad():
+        alone = quantized(row)
+        batched = quantized(torch.cat([row, 1000 * torch.randn(1, 64)]))[:1]
+        exact = F.linear(row, quantized.weight.float() * quantized.scale[:, None], quantized.bias)
+    assert (alone - exact).norm() / exact.norm() < 2e-2  # 7-bit inputs, as in the test above
+    assert (batched - exact).norm() / exact.norm() < 2e-2
+
+
+def test_bf16_packed_linear_matches_f_linear() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96).bfloat16()
+    packed = PackedLinear(dense)
+    assert not list(packed.buffers()) and packed.packed.is_mkldnn  # the packed weight stays out of the state dict
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 64), torch.randn(3, 5, 64)):  # a decoding step, and a batch of prompts
+            x = x.bfloat16()
+            torch.testing.assert_close(packed(x), dense(x), rtol=1e-2, atol=1e-2)
+        dense.bias = None
+        torch.testing.assert_close(PackedLinear(dense)(x), F.linear(x, dense.weight), rtol=1e-2, atol=1e-2)
 
 
 def test_fp32_default_leaves_the_model_as_it_is(random_model: GPT) -> None:
@@ -103,12 +158,26 @@ def test_fp32_default_leaves_the_model_as_it_is(random_model: GPT) -> None:
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def test_int8_replaces_every_linear_layer_and_keeps_the_embedding(random_model: GPT) -> None:
+def test_int8_replaces_every_linear_layer_and_keeps_the_embedding(random_model: GPT,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     model = for_inference(copy.deepcopy(random_model), quantize="int8")
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * 2 + 1  # 4 per block and the head
-    assert model.tok_emb.weight.dtype == torch.bfloat16  # activations (and the KV cache) in bf16 by default
     assert for_inference(copy.deepcopy(random_model), "fp32", "int8").tok_emb.weight.dtype == torch.float32
+    assert for_inference(copy.deepcopy(random_model), "bf16", "int8").tok_emb.weight.dtype == torch.bfloat16
+    # activations (and the KV cache) by default: fp32 where fbgemm multiplies, bf16 for aten._weight_int8pack_mm
+    assert model.tok_emb.weight.dtype == (torch.float32 if FBGEMM else torch.bfloat16)
+    assert resolve_format(None, "int8", "cpu") == ("fp32" if FBGEMM else "bf16", "int8")
+    assert resolve_format(None, "int8", "cuda") == resolve_format(None, "int8", "mps") == ("bf16", "int8")
+    monkeypatch.setattr(quantize, "FBGEMM", False)
+    assert for_inference(copy.deepcopy(random_model), quantize="int8").tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_bf16_on_cpu_packs_every_linear_layer(random_model: GPT) -> None:
+    model = for_inference(copy.deepcopy(random_model), "bf16")
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * 2 + 1
+    assert model.tok_emb.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -117,7 +186,7 @@ def test_int8_replaces_every_linear_layer_and_keeps_the_embedding(random_model: 
 )
 def test_bad_formats_are_refused(dtype: str | None, quantize: str | None, message: str) -> None:
     with pytest.raises(LLMError, match=message):
-        resolve_format(dtype, quantize)
+        resolve_format(dtype, quantize, "cpu")
 
 
 @pytest.fixture(scope="module")
