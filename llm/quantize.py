@@ -43,9 +43,9 @@ class Int8Linear(nn.Module):
     weight: int8 (out, in); scale: (out,) in the activations' dtype; bias: (out,) or None.
 
     Fewer than GEMM_ROWS rows (decoding, small prompts) go through an int8 kernel: on an x86 CPU fbgemm's dynamic
-    int8 GEMM (`quantized.linear_dynamic`, weights packed once at conversion), which also rounds each input row to
-    8 bits on the fly (one scale per call: rows are first brought to the same largest magnitude, so a row's
-    rounding does not depend on the others) and sums int8 products in int32; elsewhere PyTorch's weight-only
+    int8 GEMM (`quantized.linear_dynamic`, weights and bias packed once at conversion), which also rounds each
+    input row to 7 bits on the fly (one scale per call: rows are first brought to the same largest magnitude, so a
+    row's rounding does not depend on the others) and sums int8 products in int32; elsewhere PyTorch's weight-only
     `aten._weight_int8pack_mm` (CPU, CUDA, MPS). More rows convert the int8 weights to the activations' dtype for
     one F.linear GEMM, weight-only.
     """
@@ -57,13 +57,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
-        self.packed = _fbgemm_pack(self.weight, scale) if _fbgemm_on(self.weight.device) else None
+        self.packed = _fbgemm_pack(self.weight, scale, linear.bias) if _fbgemm_on(self.weight.device) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.packed is not None and rows < GEMM_ROWS["fbgemm"] and x.device.type == "cpu":
-            y = _fbgemm_linear(x, self.packed, rows)
-        elif self.packed is None and rows < GEMM_ROWS["int8pack"]:
+            return _fbgemm_linear(x, self.packed, self.bias, rows)
+        if self.packed is None and rows < GEMM_ROWS["int8pack"]:
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, -1).contiguous(), self.weight, self.scale.to(x.dtype)
             )
@@ -77,8 +77,8 @@ class Int8Linear(nn.Module):
         return f"in_features={in_features}, out_features={out_features}, bias={self.bias is not None}"
 
 
-def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
-    """fbgemm's packed form of int8 weights (out, in) with per-row fp32 scales (out,), no bias."""
+def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """fbgemm's packed form of int8 weights (out, in) with per-row fp32 scales (out,) and bias (out,) or None."""
     zero_points = torch.zeros(len(scale), dtype=torch.long)
     engine = torch.backends.quantized.engine
     with warnings.catch_warnings():  # torch deprecates quantized tensors, which are only the way in here
@@ -86,20 +86,25 @@ def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObjec
         qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
     try:
         torch.backends.quantized.engine = "fbgemm"
-        return torch.ops.quantized.linear_prepack(qweight, None)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
     finally:
         torch.backends.quantized.engine = engine
 
 
-def _fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject, rows: int) -> torch.Tensor:
-    """x (..., in) of `rows` rows times fbgemm-packed int8 weights → (..., out), in x's dtype. fbgemm rounds its
-    input to 8 bits with one scale for all rows: several rows are first divided by their largest magnitudes (and
-    the products multiplied back), so each row's rounding is relative to itself, whatever the others hold."""
+def _fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x (..., in) of `rows` rows times fbgemm-packed int8 weights, plus their packed `bias` → (..., out), in x's
+    dtype. fbgemm rounds its input to 7 bits with one scale for all rows: several rows are first divided by their
+    largest magnitudes (and the products multiplied back, the bias kept out of that), so each row's rounding is
+    relative to itself, whatever the others hold."""
     x32 = x.float()
     if rows == 1:
         return torch.ops.quantized.linear_dynamic(x32, packed, True).to(x.dtype)
     magnitude = x32.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    return (torch.ops.quantized.linear_dynamic(x32 / magnitude, packed, True) * magnitude).to(x.dtype)
+    y = torch.ops.quantized.linear_dynamic(x32 / magnitude, packed, True)
+    if bias is None:
+        return (y * magnitude).to(x.dtype)
+    bias = bias.float()
+    return ((y - bias) * magnitude + bias).to(x.dtype)
 
 
 class PackedLinear(nn.Module):
