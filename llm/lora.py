@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llm.errors import LLMError
+from llm.model import dropout_layer
 from llm.model_dir import read_safetensors, write_safetensors
 
 
@@ -46,7 +47,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the same init nn.Linear gives its weight
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_layer(dropout)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,11 @@ from llm.errors import LLMError
 from llm.kernels import Linear, attention, lm_loss
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity when p is 0 (the same outputs, one less op per call when decoding)."""
+    return nn.Dropout(p) if p else nn.Identity()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -30,7 +35,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         """x: (B, T, C); mask: None for plain causal attention, else bool (B|1, 1, T, S), True = attend."""
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
         causal = mask is None and T > 1  # no mask: no past keys (S = T), or a single query that sees them all
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -55,7 +60,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.emb_dim)
         self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout_layer(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
@@ -71,7 +76,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout_layer(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.emb_dim)
         self.lm_head: nn.Module = Linear(config.emb_dim, config.vocab_size, bias=False)
@@ -200,9 +205,10 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the (B, H, T, D) keys/values of the T tokens last appended; return all (B, H, S, D) so far."""
         start, end = self.length - k.shape[2], self.length
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 def _positions(seen: torch.Tensor | int, pad_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
