@@ -145,6 +145,16 @@ def test_top_p_samples_the_smallest_set_reaching_p() -> None:
     assert set(support(logits, top_p=0.9, top_k=2)) == {1, 3}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_of_equal_maxima(dtype: torch.dtype) -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -3.0]], dtype=dtype)
+    ties = torch.randint(0, 4, (64, 50257), generator=torch.Generator().manual_seed(0)).to(dtype)  # many ties
+    for rows in (logits, ties):
+        greedy = sample(rows, GenerationConfig(temperature=0))
+        assert torch.equal(greedy, rows.argmax(dim=-1))
+    assert sample(logits, GenerationConfig(temperature=0)).tolist() == [1, 0, 0]
+
+
 def test_temperature() -> None:
     logits = [1.0, 2.0, 0.0]
     assert support(logits, temperature=0) == {1: 1.0}
