@@ -12,10 +12,10 @@ the whole call. The run also measures the memory-bandwidth ceiling of batch-1 de
     python bench/generate.py --prompt-tokens 256            # a long prompt: the uncached path recomputes more
     python bench/generate.py --profile ours-int8            # where one batch-1 decoding call spends its time
 
-A contender is `<name>@<allocator>`: names ours (fp32), ours-bf16, ours-int8 (int8 weights, bf16 activations),
-ours-compiled (`compile=True`), ours-nocache, ours-noonednn (every fp32 linear layer through F.linear), hf,
-hf-bf16, book; allocators as in bench/harness.py. The warm-up call (20 tokens, batch 1) is timed apart: it holds
-torch.compile's compilation.
+A contender is `<name>@<allocator>`: names ours (fp32), ours-bf16, ours-int8 (int8 weights, `--quantize int8`'s
+default activations), ours-compiled (`compile=True`), ours-nocache, ours-noonednn (every fp32 linear layer through
+F.linear), hf, hf-bf16, book; allocators as in bench/harness.py. The warm-up call (20 tokens, batch 1) is timed
+apart: it holds torch.compile's compilation.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the inference weight formats cost in quality, measured on the pipeline's trained models.
 
-For each format (fp32, bf16, int8 weight-only: `llm.quantize.for_inference`) and the models a `make run` left in
-a pipeline directory (models/base, models/classifier, models/instruct, with its params.yaml and data/): the base
+For each format (fp32, bf16, int8: `llm.quantize.for_inference` with its defaults) and the models a `make run` left
+in a pipeline directory (models/base, models/classifier, models/instruct, with its params.yaml and data/): the base
 model's held-out perplexity (as the evaluate stage scores it), the classifier's test accuracy (the test split
 finetune_classifier scores), the instruction model's mean ROUGE-L F1 on the test split (responses generated as
 finetune_instructions does), and greedy continuations compared with fp32's: the instruction model's test responses
