@@ -6,13 +6,14 @@ inference only (no training afterwards), change the model in place and pick kern
 on (convert after moving it):
 
 - dtype `bf16`: every floating-point parameter and buffer in bfloat16, so activations, logits and the KV cache
-  are bfloat16 too. On a CPU with oneDNN every linear layer becomes a `PackedLinear`: its weight reordered once
-  into oneDNN's blocked layout, which oneDNN's matrix products (AVX-512 BF16 or AMX where the CPU has them) stream
-  faster than F.linear's row-major weight.
+  are bfloat16 too. On a CPU whose oneDNN does bf16 (AVX-512 and up) every linear layer becomes a
+  `PackedLinear`: its weight reordered once into oneDNN's blocked layout, which oneDNN's matrix products
+  (AVX-512 BF16 or AMX where the CPU has them) stream faster than F.linear's row-major weight.
 - quantize `int8`: every linear layer (`nn.Linear`, the vocabulary head included) becomes an `Int8Linear`: int8
   weights (out, in) and one scale per output row, symmetric (weight ≈ int8 · scale, |int8| <= 127). Embeddings,
-  layer norms and activations stay in `dtype`, which defaults to bf16 with int8. Which kernel multiplies depends
-  on the device and the number of input rows (see `Int8Linear`).
+  layer norms and activations stay in `dtype`, which defaults to fp32 where fbgemm multiplies (x86 CPUs) and to
+  bf16 elsewhere (see `resolve_format`). Which kernel multiplies depends on the device and the number of input
+  rows (see `Int8Linear`).
 
 fp32 without quantization (the defaults) leaves the model as it is.
 """
@@ -32,6 +33,7 @@ from llm.kernels import ONEDNN_LINEAR
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZATIONS = ("int8",)
 FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # x86 CPU builds
+ONEDNN_BF16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels on this CPU
 # Int8Linear's inputs with at least this many rows convert the weights for one GEMM, by the kernel that would
 # take fewer: from there on that kernel runs out of compute before memory (BENCHMARKS.md, Generation)
 GEMM_ROWS = {"fbgemm": 128, "int8pack": 16}
@@ -149,15 +151,15 @@ def _fbgemm_on(device: torch.device) -> bool:
 @torch.no_grad()
 def for_inference(model: nn.Module, dtype: str | None = None, quantize: str | None = None) -> nn.Module:
     """`model` (in eval mode) with its weights in `dtype` (fp32, bf16; default: see `resolve_format`) and, with
-    quantize="int8", every `nn.Linear` replaced by an `Int8Linear`; bf16 alone on a CPU with oneDNN replaces them
-    by `PackedLinear`s. Converts in place and returns the model."""
+    quantize="int8", every `nn.Linear` replaced by an `Int8Linear`; bf16 alone on a CPU with oneDNN's bf16 kernels
+    replaces them by `PackedLinear`s. Converts in place and returns the model."""
     dtype, quantize = resolve_format(dtype, quantize, next(model.parameters()).device)
     torch_dtype = DTYPES[dtype]
     if quantize == "int8":
         _replace_linears(model, lambda linear: Int8Linear(linear, torch_dtype))
     if torch_dtype is not torch.float32:
         model.to(torch_dtype)  # leaves the int8 weights alone: .to(dtype) converts floating-point tensors only
-    if dtype == "bf16" and not quantize and ONEDNN_LINEAR:
+    if dtype == "bf16" and not quantize and ONEDNN_BF16:
         _replace_linears(model, PackedLinear, lambda linear: linear.weight.device.type == "cpu")
     return model.eval()
 

@@ -15,9 +15,10 @@ from llm.errors import LLMError
 from llm.generate import generate
 from llm.model import GPT
 from llm.model_dir import save_model
-from llm.quantize import FBGEMM, GEMM_ROWS, Int8Linear, PackedLinear, for_inference, resolve_format
+from llm.quantize import FBGEMM, GEMM_ROWS, ONEDNN_BF16, Int8Linear, PackedLinear, for_inference, resolve_format
 
 needs_fbgemm = pytest.mark.skipif(not FBGEMM, reason="fbgemm multiplies int8 only in x86 builds of torch")
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN's bf16 kernels need AVX-512 or newer")
 
 # (dtype, quantize, int8 kernel): bf16 (oneDNN's packed weights on CPU); int8 through fbgemm (x86 CPUs: fp32
 # activations by default, bf16 on request) and through aten._weight_int8pack_mm (other devices: bf16 activations)
@@ -137,6 +138,7 @@ def test_fbgemm_rounds_each_input_row_to_its_own_scale() -> None:
     assert (batched - exact).norm() / exact.norm() < 2e-2
 
 
+@needs_onednn_bf16
 def test_bf16_packed_linear_matches_f_linear() -> None:
     torch.manual_seed(0)
     dense = nn.Linear(64, 96).bfloat16()
@@ -173,6 +175,7 @@ def test_int8_replaces_every_linear_layer_and_keeps_the_embedding(random_model: 
     assert for_inference(copy.deepcopy(random_model), quantize="int8").tok_emb.weight.dtype == torch.bfloat16
 
 
+@needs_onednn_bf16
 def test_bf16_on_cpu_packs_every_linear_layer(random_model: GPT) -> None:
     model = for_inference(copy.deepcopy(random_model), "bf16")
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
