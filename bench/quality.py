@@ -1,12 +1,12 @@
 """What the inference weight formats cost in quality, measured on the pipeline's trained models.
 
-For each format (fp32, bf16, int8: `llm.quantize.for_inference` with its defaults) and the models a `make run` left
-in a pipeline directory (models/base, models/classifier, models/instruct, with its params.yaml and data/): the base
-model's held-out perplexity (as the evaluate stage scores it), the classifier's test accuracy (the test split
-finetune_classifier scores), the instruction model's mean ROUGE-L F1 on the test split (responses generated as
-finetune_instructions does), and greedy continuations compared with fp32's: the instruction model's test responses
-and base-model continuations of `--prompts` held-out snippets (identical ones, and the mean share of tokens before
-the first difference).
+For each format (fp32, bf16, int8: `llm.quantize.for_inference` with its defaults; int8 once more with its int8
+kernel for every call, see INT8_KERNEL_ONLY) and the models a `make run` left in a pipeline directory (models/base,
+models/classifier, models/instruct, with its params.yaml and data/): the base model's held-out perplexity (as the
+evaluate stage scores it), the classifier's test accuracy (the test split finetune_classifier scores), the
+instruction model's mean ROUGE-L F1 on the test split (responses generated as finetune_instructions does), and
+greedy continuations compared with fp32's: the instruction model's test responses and base-model continuations of
+`--prompts` held-out snippets (identical ones, and the mean share of tokens before the first difference).
 
     python bench/quality.py --run /path/to/pipeline/dir          # reads only; run from this repository
 
@@ -30,6 +30,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": (None, "int8")}  # (dtype, quantize)
+# int8 once more with the int8 kernel for every call: below GEMM_ROWS rows (decoding) it rounds the inputs too on
+# x86 CPUs, while scoring batches and prompts from GEMM_ROWS rows on normally take the weight-only GEMM
+INT8_KERNEL_ONLY = "int8, int8 kernel at every size"
+FORMATS[INT8_KERNEL_ONLY] = FORMATS["int8"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,6 +61,10 @@ def measure(name: str, prompts: list[list[int]], new_tokens: int) -> dict[str, A
 
     start = time.perf_counter()
     dtype, quantize = FORMATS[name]
+    if name == INT8_KERNEL_ONLY:
+        import llm.quantize
+
+        llm.quantize.GEMM_ROWS = dict.fromkeys(llm.quantize.GEMM_ROWS, sys.maxsize)  # for the rest of the run
     encoding, evaluate = tokenizer(), params_section("evaluate", EvaluateParams)
     base = for_inference(load_model(BASE_MODEL), dtype, quantize)
     held = perplexity(base, heldout_tokens(HELDOUT, encoding, evaluate.heldout_max_tokens), progress=False,
