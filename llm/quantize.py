@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
-        self.packed = _fbgemm_pack(self.weight, scale, linear.bias) if _fbgemm_on(self.weight.device) else None
+        self.packed = _fbgemm_pack(self.weight, scale, self.bias) if _fbgemm_on(self.weight.device) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -153,22 +153,21 @@ def for_inference(model: nn.Module, dtype: str | None = None, quantize: str | No
     """`model` (in eval mode) with its weights in `dtype` (fp32, bf16; default: see `resolve_format`) and, with
     quantize="int8", every `nn.Linear` replaced by an `Int8Linear`; bf16 alone on a CPU with oneDNN's bf16 kernels
     replaces them by `PackedLinear`s. Converts in place and returns the model."""
-    dtype, quantize = resolve_format(dtype, quantize, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    dtype, quantize = resolve_format(dtype, quantize, device)
     torch_dtype = DTYPES[dtype]
     if quantize == "int8":
         _replace_linears(model, lambda linear: Int8Linear(linear, torch_dtype))
     if torch_dtype is not torch.float32:
         model.to(torch_dtype)  # leaves the int8 weights alone: .to(dtype) converts floating-point tensors only
-    if dtype == "bf16" and not quantize and ONEDNN_BF16:
-        _replace_linears(model, PackedLinear, lambda linear: linear.weight.device.type == "cpu")
+    if dtype == "bf16" and not quantize and ONEDNN_BF16 and device.type == "cpu":
+        _replace_linears(model, PackedLinear)
     return model.eval()
 
 
-def _replace_linears(
-    model: nn.Module, new: Callable[[nn.Linear], nn.Module], where: Callable[[nn.Linear], bool] = lambda _: True
-) -> None:
-    """Replace every `nn.Linear` of `model` for which `where` holds by new(linear)."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and where(m)]
+def _replace_linears(model: nn.Module, new: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every `nn.Linear` of `model` by new(linear)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new(linear))
