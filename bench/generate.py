@@ -230,13 +230,7 @@ def weight_streaming_ceiling(preset: str, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     numel = sum(m.weight.numel() for m in GPT(get_preset(preset)).modules() if isinstance(m, torch.nn.Linear))
-    buffer = torch.ones(numel)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    rate = numel * 4 / best
+    rate = harness.streaming_rate(numel)
     return {"gb_per_s": rate / 1e9, **{name: rate / (numel * size) for name, size in BYTES_PER_WEIGHT.items()}}
 
 

@@ -145,6 +145,17 @@ def matmul_gflops(dtype: torch.dtype, n: int, device: str = "cpu", seconds: floa
     return 2 * n**3 / best / 1e9
 
 
+def streaming_rate(numel: int) -> float:
+    """Bytes/s of a plain streaming pass: the best of 5 sums over an fp32 buffer of `numel` elements."""
+    buffer = torch.ones(numel)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return numel * 4 / best
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
