@@ -28,6 +28,7 @@ if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -76,12 +77,8 @@ def _kernels() -> dict[str, tuple[int, torch.dtype, Callable[[nn.Linear], Layer]
 
     def int8_weight_only(linear: nn.Linear) -> Layer:
         layer = quantize.Int8Linear(linear, torch.bfloat16)
-
-        def product(x: torch.Tensor) -> torch.Tensor:
-            y = torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.scale)
-            return y if layer.bias is None else y + layer.bias
-
-        return product
+        layer.packed = None  # without fbgemm's copy it takes the path it takes off x86 CPUs
+        return layer
 
     found: dict[str, tuple[int, torch.dtype, Callable[[nn.Linear], Layer]]] = {
         "fp32, llm": (4, torch.float32, fp32_llm),
@@ -118,9 +115,7 @@ def measure(preset: str, threads: int, repeats: int, seed: int) -> dict[str, Any
         for name, (_, dtype, make) in kernels.items():
             layers[name] = []
             for linear in linears:
-                copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-                copy.load_state_dict(linear.state_dict())
-                layer, x = make(copy.eval()), torch.randn(1, linear.in_features)
+                layer, x = make(copy.deepcopy(linear)), torch.randn(1, linear.in_features)  # make may convert it
                 expected = F.linear(x, linear.weight, linear.bias)
                 error = (layer(x.to(dtype)).float() - expected).norm() / expected.norm()
                 if error > 0.05:
